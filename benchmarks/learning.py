@@ -30,7 +30,13 @@ ALGORITHMS = {
 def warm_checkpoint(seed: int, out: Path, overrides: list[str]) -> Path:
     """Build the tiny model for ``seed``, warm-start it once and save it (reused by every algorithm)."""
     from tspo.training.config import load_train_config
-    from tspo.training.setup import build_policy, build_retriever, prepare_data, run_warm_start
+    from tspo.training.setup import (
+        build_policy,
+        build_retriever,
+        prepare_data,
+        run_warm_start,
+        split_demonstrations,
+    )
 
     target = out / f"seed{seed}" / "warm"
     if (target / "config.json").is_file():
@@ -42,7 +48,8 @@ def warm_checkpoint(seed: int, out: Path, overrides: list[str]) -> Path:
     train, _, corpus = prepare_data(config, run_dir)
     retriever = build_retriever(config, corpus)
     model, tokenizer = build_policy(config, run_dir, train, corpus, torch.device("cpu"))
-    run_warm_start(config, model, tokenizer, retriever, train)
+    demos, _ = split_demonstrations(config, train)
+    run_warm_start(config, model, tokenizer, retriever, demos, corpus.parent if corpus else None)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
@@ -54,11 +61,15 @@ def run_algorithm(name: str, seed: int, warm: Path, out: Path, args: argparse.Na
     from tspo.training.trainer import Trainer
 
     run_dir = out / f"seed{seed}" / name
+    # RL draws from the same questions as a one-piece run with these settings would.
+    warm_settings = load_train_config("tiny", None, [*args.override, f"trainer.seed={seed}"]).warmstart
+    rl_prompts = "rest" if warm_settings.excludes_demos else "all"
     # The user's overrides come first so that the per-run settings below (no second warm start) win.
     overrides = [
         *args.override,
         f"model.policy={warm}",
         "warmstart.steps=0",
+        f"warmstart.rl_prompts={rl_prompts}",
         f"trainer.seed={seed}",
         f"trainer.steps={args.steps}",
         f"trainer.eval_every={args.eval_every}",

@@ -205,6 +205,34 @@ class WarmStartConfig:
     learning_rate: float = field(default=3e-3, metadata=_help("SFT learning rate"))
     batch_size: int = field(default=32, metadata=_help("demonstrations per SFT step"))
     demos: int = field(default=512, metadata=_help("training questions turned into demonstrations"))
+    rename_entities: bool = field(
+        default=False,
+        metadata=_help(
+            "replace every entity name of a demonstration consistently by random names of the world, so "
+            "that answers come from copying retrieved text, not from memorised facts (data.source=world)"
+        ),
+    )
+    copies: int = field(
+        default=1, metadata=_help("demonstrations per question (each renamed differently when renaming)")
+    )
+    rl_prompts: Literal["auto", "rest", "all"] = field(
+        default="auto",
+        metadata=_help(
+            "questions RL draws from: 'rest' = training questions not used as demonstrations (a warm start "
+            "on the originals memorises those), 'all'; auto = rest after a warm start without renaming"
+        ),
+    )
+
+    @property
+    def excludes_demos(self) -> bool:
+        """Whether RL skips the demonstration questions."""
+        if self.rl_prompts == "auto":
+            return self.steps > 0 and not self.rename_entities
+        return self.rl_prompts == "rest"
+
+    def __post_init__(self) -> None:
+        if self.copies < 1:
+            raise ValueError(f"warmstart.copies must be >= 1, got {self.copies}")
 
 
 @dataclass

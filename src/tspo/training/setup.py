@@ -28,6 +28,7 @@ class RunResources:
     engine: Any
     retriever: Any
     train_examples: list[QAExample]
+    rl_examples: list[QAExample]
     eval_examples: list[QAExample]
     pad_token_id: int
     device: torch.device
@@ -156,15 +157,58 @@ def build_policy(
     return model, tokenizer
 
 
+def split_demonstrations(
+    config: TrainConfig, train: list[QAExample]
+) -> tuple[list[QAExample], list[QAExample]]:
+    """(demonstration questions, RL questions): a seeded sample of ``warmstart.demos`` training
+    questions, and the rest when RL excludes them (``warmstart.rl_prompts``), else all of them.
+
+    The split depends only on the seed and the data, so a resumed run, or RL runs that share one
+    warm-started model, draw from the same questions.
+    """
+    ws = config.warmstart
+    picked = random.Random(config.trainer.seed).sample(range(len(train)), min(ws.demos, len(train)))
+    demos = [train[i] for i in picked]
+    if not ws.excludes_demos:
+        return demos, train
+    chosen = set(picked)
+    rest = [ex for i, ex in enumerate(train) if i not in chosen]
+    if not rest:
+        raise ResourceError(
+            f"warmstart.demos={ws.demos} uses all {len(train)} training questions and RL excludes them: "
+            "lower warmstart.demos or set warmstart.rl_prompts=all"
+        )
+    return demos, rest
+
+
+def world_renamer(config: TrainConfig, world_dir: Path | None) -> Any:
+    """The entity renamer of ``warmstart.rename_entities``: every name word of the world's entities."""
+    from tspo.data.world import load_world
+    from tspo.data.world.names import name_words
+    from tspo.training.renaming import EntityRenamer
+
+    if config.data.source != "world" or world_dir is None:
+        raise ResourceError(
+            "warmstart.rename_entities=true needs data.source=world: the entity names come from world.json"
+        )
+    world = load_world(world_dir, verify=False)
+    return EntityRenamer(name_words(entity.name for entity in world.entities.values()), seed=config.trainer.seed)
+
+
 def run_warm_start(
-    config: TrainConfig, model: Any, tokenizer: Any, retriever: Any, train: list[QAExample]
+    config: TrainConfig,
+    model: Any,
+    tokenizer: Any,
+    retriever: Any,
+    pool: list[QAExample],
+    world_dir: Path | None = None,
 ) -> None:
-    """The configured supervised warm start on demonstrations of ``warmstart.demos`` training questions."""
+    """The configured supervised warm start on demonstrations of the ``pool`` questions."""
     from tspo.training.warmstart import build_demonstrations, warm_start
 
     ws = config.warmstart
-    pool = random.Random(config.trainer.seed).sample(train, min(ws.demos, len(train)))
-    demos = build_demonstrations(pool, tokenizer, retriever, config.rollout)
+    renamer = world_renamer(config, world_dir) if ws.rename_entities else None
+    demos = build_demonstrations(pool, tokenizer, retriever, config.rollout, copies=ws.copies, renamer=renamer)
     if not demos:
         raise ResourceError("warmstart.steps > 0 but no training example has a metadata.chain to demonstrate")
     warm_start(
@@ -188,8 +232,10 @@ def build_resources(config: TrainConfig, run_dir: Path, checkpoint: Path | None 
     retriever = build_retriever(config, corpus)
     model, tokenizer = build_policy(config, run_dir, train, corpus, device)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    demo_pool, rl_examples = split_demonstrations(config, train)
     if checkpoint is None and config.warmstart.steps > 0:
-        run_warm_start(config, model, tokenizer, retriever, train)
+        world_dir = corpus.parent if config.data.source == "world" and corpus is not None else None
+        run_warm_start(config, model, tokenizer, retriever, demo_pool, world_dir)
     engine = make_engine("hf", model=model, tokenizer=tokenizer)
     return RunResources(
         model=model,
@@ -197,6 +243,7 @@ def build_resources(config: TrainConfig, run_dir: Path, checkpoint: Path | None 
         engine=engine,
         retriever=retriever,
         train_examples=train,
+        rl_examples=rl_examples,
         eval_examples=held_out,
         pad_token_id=pad_token_id,
         device=device,

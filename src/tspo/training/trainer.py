@@ -112,7 +112,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        self.sampler: PromptSampler[QAExample] = PromptSampler(res.train_examples, seed=cfg.trainer.seed)
+        self.sampler: PromptSampler[QAExample] = PromptSampler(res.rl_examples, seed=cfg.trainer.seed)
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, self.model, self.optimizer, self.scheduler)
             self.step = int(state["step"])

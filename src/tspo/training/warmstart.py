@@ -4,7 +4,8 @@ A demonstration follows a question's intended chain of searches (``metadata["cha
 the synthetic world): one ``<search> query </search>`` turn per hop with the real retriever's
 observation appended, then ``<answer> gold </answer>``. It is built token-in/token-out with the same
 :class:`~tspo.trajectory.TrajectoryBuilder` rollouts use, so the loss mask is the same: the model is
-trained on its own turns only, never on retrieved text.
+trained on its own turns only, never on retrieved text. Renamed copies (``warmstart.rename_entities``)
+replace every entity name consistently, so that only copying from the retrieved text answers them.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from tspo.doc import Doc
 from tspo.protocol import ActionKind, format_observation, parse_action
 from tspo.rollout import RolloutConfig
 from tspo.rollout.loop import build_prompt_ids
 from tspo.training.policy import response_scores
+from tspo.training.renaming import EntityRenamer
 from tspo.trajectory import Trajectory, TrajectoryBuilder, TurnAction, collate_trajectories
 
 logger = logging.getLogger(__name__)
@@ -30,41 +34,85 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def build_demonstrations(
-    examples: Sequence[Any], tokenizer: Any, retriever: Any, rollout: RolloutConfig
+    examples: Sequence[Any],
+    tokenizer: Any,
+    retriever: Any,
+    rollout: RolloutConfig,
+    *,
+    copies: int = 1,
+    renamer: EntityRenamer | None = None,
 ) -> list[Trajectory]:
-    """One demonstration per example that has an intended search chain; others are skipped."""
-    protocol = rollout.protocol
+    """``copies`` demonstrations per example that has an intended search chain; others are skipped.
+
+    The searches run once per example with the original queries. With a ``renamer`` every copy gets
+    its own consistent substitution of the entity names in the question, the queries, the retrieved
+    passages and the answer (see :mod:`tspo.training.renaming`).
+    """
     usable = [ex for ex in examples if ex.metadata.get("chain") and ex.golds]
-    builders = [
-        TrajectoryBuilder(
-            build_prompt_ids(ex.question, tokenizer, protocol),
-            question=ex.question,
-            golds=tuple(ex.golds),
-            sample_id=str(ex.id),
-        )
-        for ex in usable
-    ]
-    max_hops = max((len(ex.metadata["chain"]) for ex in usable), default=0)
-    for hop in range(max_hops):
-        rows = [i for i, ex in enumerate(usable) if hop < len(ex.metadata["chain"])]
-        queries = [str(usable[i].metadata["chain"][hop]) for i in rows]
-        results = retriever.search(queries, rollout.topk)
-        for row, query, docs in zip(rows, queries, results, strict=True):
-            text = f"<{protocol.search_tag}> {query} </{protocol.search_tag}>"
-            action = parse_action(text, protocol)
-            assert action.kind is ActionKind.SEARCH, text
-            builders[row].add_generation(
-                _encode(tokenizer, text), None, text, TurnAction.SEARCH, content=query
-            )
-            observation = format_observation(docs, protocol)
-            ids = _encode(tokenizer, observation)[: rollout.max_observation_tokens]
-            builders[row].add_observation(ids, observation, docs)
+    chains = [[str(query) for query in ex.metadata["chain"]] for ex in usable]
+    retrieved: list[list[list[Doc]]] = [[] for _ in usable]
+    for hop in range(max((len(chain) for chain in chains), default=0)):
+        rows = [i for i, chain in enumerate(chains) if hop < len(chain)]
+        results = retriever.search([chains[i][hop] for i in rows], rollout.topk)
+        for row, docs in zip(rows, results, strict=True):
+            retrieved[row].append(list(docs))
     demos = []
-    for builder, ex in zip(builders, usable, strict=True):
-        text = f"<{protocol.answer_tag}> {ex.golds[0]} </{protocol.answer_tag}>"
-        builder.add_generation(_encode(tokenizer, text), None, text, TurnAction.ANSWER, content=ex.golds[0])
-        demos.append(builder.build())
+    for _ in range(copies):
+        for ex, chain, hops in zip(usable, chains, retrieved, strict=True):
+            mapping: dict[str, str] = {}
+            if renamer is not None:
+                passages = [f"{doc.title} {doc.text}" for docs in hops for doc in docs]
+                mapping = renamer.draw_mapping([ex.question, *ex.golds, *chain, *passages])
+
+            def rename(text: str, mapping: dict[str, str] = mapping) -> str:
+                return renamer.apply(mapping, text) if renamer is not None and mapping else text
+
+            renamed_hops = [
+                [replace(doc, title=rename(doc.title), text=rename(doc.text)) for doc in docs]
+                for docs in hops
+            ]
+            demos.append(
+                _demonstration(
+                    rename(ex.question),
+                    [rename(gold) for gold in ex.golds],
+                    [rename(query) for query in chain],
+                    renamed_hops,
+                    str(ex.id),
+                    tokenizer,
+                    rollout,
+                )
+            )
     return demos
+
+
+def _demonstration(
+    question: str,
+    golds: list[str],
+    queries: list[str],
+    hops: list[list[Doc]],
+    sample_id: str,
+    tokenizer: Any,
+    rollout: RolloutConfig,
+) -> Trajectory:
+    """One search turn per query with its observation, then the answer turn."""
+    protocol = rollout.protocol
+    builder = TrajectoryBuilder(
+        build_prompt_ids(question, tokenizer, protocol),
+        question=question,
+        golds=tuple(golds),
+        sample_id=sample_id,
+    )
+    for query, docs in zip(queries, hops, strict=True):
+        text = f"<{protocol.search_tag}> {query} </{protocol.search_tag}>"
+        action = parse_action(text, protocol)
+        assert action.kind is ActionKind.SEARCH, text
+        builder.add_generation(_encode(tokenizer, text), None, text, TurnAction.SEARCH, content=query)
+        observation = format_observation(docs, protocol)
+        ids = _encode(tokenizer, observation)[: rollout.max_observation_tokens]
+        builder.add_observation(ids, observation, docs)
+    text = f"<{protocol.answer_tag}> {golds[0]} </{protocol.answer_tag}>"
+    builder.add_generation(_encode(tokenizer, text), None, text, TurnAction.ANSWER, content=golds[0])
+    return builder.build()
 
 
 def warm_start(

@@ -10,6 +10,7 @@ one stem (``Kelvaro Bank`` / ``Kelvaro Press``).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 
 ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z")
 # Consonant clusters only start a name ("Brandel", not "Debrastro"): easier to read and to copy.
@@ -33,6 +34,17 @@ _ENGLISH_WORDS = frozenset(
     yours born city port new capital country company founded married works based lies home raised
     """.split()  # noqa: SIM905 - a word list reads better as text
 )
+
+
+# Words of entity names that are kinds or forms, not names: shared by many entities.
+GENERIC_NAME_WORDS = frozenset(
+    word.lower() for word in (*ORG_KINDS, *(part for form in CITY_FORMS for part in form.split() if part != "{}"))
+)
+
+
+def name_words(names: Iterable[str]) -> set[str]:
+    """The invented words of entity names, lowercased: ``"Port Tessel"`` gives ``{"tessel"}``."""
+    return {word.lower() for name in names for word in name.split() if word.lower() not in GENERIC_NAME_WORDS}
 
 
 class NameFactory:
