@@ -4,7 +4,8 @@ For each seed the tiny model is built and warm-started once; every algorithm the
 checkpoint with the same budget, so differences come from the algorithm alone. Held-out EM is measured
 every ``--eval-every`` steps. Prints a table (mean and spread of final held-out EM, steps to reach a
 threshold, fraction of outcome-homogeneous groups over training, near-miss fraction), writes JSON and an
-overlay plot of held-out EM.
+overlay plot of held-out EM. Finished runs (and warm starts) already in ``--out`` are read back, not
+rerun, so seeds can run in parallel processes and be summarised together afterwards.
 
     python benchmarks/learning.py --seeds 0 1 2 --steps 30 --out benchmarks/results/learning
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -57,7 +57,6 @@ def warm_checkpoint(seed: int, out: Path, overrides: list[str]) -> Path:
 
 def run_algorithm(name: str, seed: int, warm: Path, out: Path, args: argparse.Namespace) -> dict:
     from tspo.training.config import load_train_config
-    from tspo.training.metrics import read_metrics
     from tspo.training.trainer import Trainer
 
     run_dir = out / f"seed{seed}" / name
@@ -79,24 +78,39 @@ def run_algorithm(name: str, seed: int, warm: Path, out: Path, args: argparse.Na
         *ALGORITHMS[name],
     ]
     config = load_train_config("tiny", None, overrides)
-    start = time.perf_counter()
-    summary = Trainer(config).train()
-    seconds = time.perf_counter() - start
+    if not run_finished(run_dir, args.steps):
+        Trainer(config).train()
+    return run_result(name, seed, run_dir, args.threshold)
+
+
+def run_finished(run_dir: Path, steps: int) -> bool:
+    """Whether ``run_dir`` holds a completed run of ``steps`` steps (its final evaluation is logged)."""
+    from tspo.training.metrics import read_metrics
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        return False
+    return any(line["step"] == steps and "eval/em" in line for line in read_metrics(run_dir))
+
+
+def run_result(name: str, seed: int, run_dir: Path, threshold: float) -> dict:
+    """One run's row, read back from its metrics (so finished runs are reported without rerunning)."""
+    from tspo.training.metrics import read_metrics
+
     lines = read_metrics(run_dir)
     curve = [(line["step"], line["eval/em"]) for line in lines if line.get("eval/em") is not None]
     train_lines = [line for line in lines if "reward/mean" in line]
-    reached = next((step for step, em in curve if em >= args.threshold), None)
+    reached = next((step for step, em in curve if em >= threshold), None)
     return {
         "algorithm": name,
         "seed": seed,
-        "em_before": summary.eval_before.get("em"),
-        "em_after": summary.eval_after.get("em"),
+        "em_before": curve[0][1],
+        "em_after": curve[-1][1],
         "curve": curve,
         "steps_to_threshold": reached,
         "homogeneous_groups": statistics.fmean(line["groups/outcome_homogeneous"] for line in train_lines),
         "near_miss": statistics.fmean(line["category/near_miss"] for line in train_lines),
         "train_outcome": statistics.fmean(line["outcome/mean"] for line in train_lines),
-        "seconds": seconds,
+        "rl_seconds": sum(line["time/step"] for line in train_lines),
         "run_dir": str(run_dir),
     }
 
@@ -147,7 +161,7 @@ def main() -> None:
             results.append(result)
             print(
                 f"seed {seed} {name:10s} held-out EM {result['em_before']:.3f} -> {result['em_after']:.3f} "
-                f"({result['seconds']:.0f} s)",
+                f"({result['rl_seconds']:.0f} s of RL steps)",
                 flush=True,
             )
     rows = summarize(results, args.threshold)

@@ -77,5 +77,5 @@ def test_renaming_needs_the_synthetic_world():
     from tspo.training.setup import world_renamer
 
     cfg = load_train_config("tiny", None, ["data.source=files", "data.train_file=qa.jsonl"])
-    with pytest.raises(ResourceError, match="rename_entities=true needs data.source=world"):
+    with pytest.raises(ResourceError, match=r"rename_entities=true needs data\.source=world"):
         world_renamer(cfg, None)
