@@ -23,7 +23,9 @@ def test_tiny_preset_takes_held_out_em_from_zero_to_a_searching_answerer(tmp_pat
             [*RUN, "warmstart.steps=0", "trainer.steps=0", f"trainer.output_dir={tmp_path / 'untrained'}"],
         )
     ).train()
-    trained = Trainer(load_train_config("tiny", None, [*RUN, f"trainer.output_dir={tmp_path / 'tiny'}"])).train()
+    trained = Trainer(
+        load_train_config("tiny", None, [*RUN, f"trainer.output_dir={tmp_path / 'tiny'}"])
+    ).train()
 
     assert untrained.eval_before["n"] == trained.eval_before["n"] == 64
     assert untrained.eval_before["em"] <= 0.02
