@@ -104,4 +104,3 @@ def test_renamed_demonstrations_hide_the_world_facts_but_keep_the_answer_copyabl
         for one, original in zip(first_copy, originals, strict=True)
     )
     assert hidden >= 0.8 * len(originals)
-

@@ -79,3 +79,10 @@ def test_renaming_needs_the_synthetic_world():
     cfg = load_train_config("tiny", None, ["data.source=files", "data.train_file=qa.jsonl"])
     with pytest.raises(ResourceError, match=r"rename_entities=true needs data\.source=world"):
         world_renamer(cfg, None)
+
+
+def test_zero_demonstration_copies_is_a_config_error():
+    from tspo.configuration import ConfigError
+
+    with pytest.raises(ConfigError, match=r"warmstart.copies must be >= 1, got 0"):
+        load_train_config("tiny", None, ["warmstart.copies=0"])

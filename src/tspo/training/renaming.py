@@ -4,7 +4,7 @@ A renamed demonstration keeps its structure (question, searches, retrieved passa
 invented name in it is replaced, consistently, by another name word drawn at random. Its answer can
 then only be found by copying it from the retrieved text, so a warm start on renamed copies teaches a
 model to search and copy instead of memorising the world's facts. A tiny model trained on the originals
-memorises them (train EM 1.0, held-out EM about 0.3 on the small world; see docs/world.md).
+memorises them (train EM 1.0, held-out EM about 0.3 on the small world; see docs/training.md).
 """
 
 from __future__ import annotations

@@ -192,7 +192,9 @@ def world_renamer(config: TrainConfig, world_dir: Path | None) -> Any:
             "warmstart.rename_entities=true needs data.source=world: the entity names come from world.json"
         )
     world = load_world(world_dir, verify=False)
-    return EntityRenamer(name_words(entity.name for entity in world.entities.values()), seed=config.trainer.seed)
+    return EntityRenamer(
+        name_words(entity.name for entity in world.entities.values()), seed=config.trainer.seed
+    )
 
 
 def run_warm_start(
@@ -203,12 +205,15 @@ def run_warm_start(
     pool: list[QAExample],
     world_dir: Path | None = None,
 ) -> None:
-    """The configured supervised warm start on demonstrations of the ``pool`` questions."""
+    """The configured supervised warm start on demonstrations of the ``pool`` questions; ``world_dir``
+    (the synthetic world's directory) is needed only to rename entities."""
     from tspo.training.warmstart import build_demonstrations, warm_start
 
     ws = config.warmstart
     renamer = world_renamer(config, world_dir) if ws.rename_entities else None
-    demos = build_demonstrations(pool, tokenizer, retriever, config.rollout, copies=ws.copies, renamer=renamer)
+    demos = build_demonstrations(
+        pool, tokenizer, retriever, config.rollout, copies=ws.copies, renamer=renamer
+    )
     if not demos:
         raise ResourceError("warmstart.steps > 0 but no training example has a metadata.chain to demonstrate")
     warm_start(
@@ -234,8 +239,7 @@ def build_resources(config: TrainConfig, run_dir: Path, checkpoint: Path | None 
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     demo_pool, rl_examples = split_demonstrations(config, train)
     if checkpoint is None and config.warmstart.steps > 0:
-        world_dir = corpus.parent if config.data.source == "world" and corpus is not None else None
-        run_warm_start(config, model, tokenizer, retriever, demo_pool, world_dir)
+        run_warm_start(config, model, tokenizer, retriever, demo_pool, corpus.parent if corpus else None)
     engine = make_engine("hf", model=model, tokenizer=tokenizer)
     return RunResources(
         model=model,

@@ -65,7 +65,7 @@ def build_demonstrations(
                 mapping = renamer.draw_mapping([ex.question, *ex.golds, *chain, *passages])
 
             def rename(text: str, mapping: dict[str, str] = mapping) -> str:
-                return renamer.apply(mapping, text) if renamer is not None and mapping else text
+                return renamer.apply(mapping, text) if renamer is not None else text
 
             renamed_hops = [
                 [replace(doc, title=rename(doc.title), text=rename(doc.text)) for doc in docs]

@@ -38,7 +38,8 @@ _ENGLISH_WORDS = frozenset(
 
 # Words of entity names that are kinds or forms, not names: shared by many entities.
 GENERIC_NAME_WORDS = frozenset(
-    word.lower() for word in (*ORG_KINDS, *(part for form in CITY_FORMS for part in form.split() if part != "{}"))
+    word.lower()
+    for word in (*ORG_KINDS, *(part for form in CITY_FORMS for part in form.split() if part != "{}"))
 )
 
 
