@@ -104,3 +104,42 @@ def test_renamed_demonstrations_hide_the_world_facts_but_keep_the_answer_copyabl
         for one, original in zip(first_copy, originals, strict=True)
     )
     assert hidden >= 0.8 * len(originals)
+
+
+def test_early_answer_demonstrations_stop_after_the_first_search_and_answer_the_bridge(world_setup):
+    examples, tokenizer, retriever, names = world_setup
+    rollout = RolloutConfig(max_observation_tokens=512)
+    full = build_demonstrations(examples, tokenizer, retriever, rollout)
+    early = build_demonstrations(
+        examples,
+        tokenizer,
+        retriever,
+        rollout,
+        renamer=EntityRenamer(names, seed=0),
+        early_answer_fraction=1.0,
+    )
+    multi_hop = [i for i, ex in enumerate(examples) if len(ex.metadata["chain"]) > 1]
+    assert multi_hop and len(multi_hop) < len(examples)
+    for i, (demo, whole) in enumerate(zip(early, full, strict=True)):
+        if i not in multi_hop:
+            assert demo.num_turns == whole.num_turns and demo.turns[-1].content == demo.golds[0]
+            continue
+        # One search, then the answer: the renamed first bridge, found in that search's passages.
+        assert [turn.action.value for turn in demo.turns] == ["search", "answer"]
+        answer = demo.turns[-1].content
+        assert answer != demo.golds[0]
+        assert answer_in_text(demo.retrieved_texts()[0], [answer])
+
+    half = build_demonstrations(
+        examples, tokenizer, retriever, rollout, copies=8, early_answer_fraction=0.5, seed=3
+    )
+    stopped = sum(
+        demo.num_turns == 2
+        for demo, ex in zip(half, examples * 8, strict=True)
+        if len(ex.metadata["chain"]) > 1
+    )
+    assert 0.3 * 8 * len(multi_hop) <= stopped <= 0.7 * 8 * len(multi_hop)
+    again = build_demonstrations(
+        examples, tokenizer, retriever, rollout, copies=8, early_answer_fraction=0.5, seed=3
+    )
+    assert [demo.turns[-1].content for demo in again] == [demo.turns[-1].content for demo in half]

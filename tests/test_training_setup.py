@@ -86,3 +86,20 @@ def test_zero_demonstration_copies_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"warmstart.copies must be >= 1, got 0"):
         load_train_config("tiny", None, ["warmstart.copies=0"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "warmstart.early_answer_fraction=1.5",
+            r"warmstart.early_answer_fraction must be in \[0, 1\], got 1.5",
+        ),
+        ("warmstart.warmup_steps=-1", r"warmstart.warmup_steps must be >= 0, got -1"),
+    ],
+)
+def test_out_of_range_warm_start_settings_are_config_errors(override, message):
+    from tspo.configuration import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_train_config("tiny", None, [override])

@@ -203,6 +203,9 @@ class WarmStartConfig:
 
     steps: int = field(default=0, metadata=_help("SFT steps before RL (0 disables)"))
     learning_rate: float = field(default=3e-3, metadata=_help("SFT learning rate"))
+    warmup_steps: int = field(
+        default=0, metadata=_help("SFT steps over which the learning rate rises linearly to its value")
+    )
     batch_size: int = field(default=32, metadata=_help("demonstrations per SFT step"))
     demos: int = field(default=512, metadata=_help("training questions turned into demonstrations"))
     rename_entities: bool = field(
@@ -214,6 +217,13 @@ class WarmStartConfig:
     )
     copies: int = field(
         default=1, metadata=_help("demonstrations per question (each renamed differently when renaming)")
+    )
+    early_answer_fraction: float = field(
+        default=0.0,
+        metadata=_help(
+            "0..1: share of multi-hop demonstrations that stop after the first search and answer the entity "
+            "it found (a weaker teacher that under-searches, leaving RL a habit to correct)"
+        ),
     )
     rl_prompts: Literal["auto", "rest", "all"] = field(
         default="auto",
@@ -233,6 +243,12 @@ class WarmStartConfig:
     def __post_init__(self) -> None:
         if self.copies < 1:
             raise ValueError(f"warmstart.copies must be >= 1, got {self.copies}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmstart.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.early_answer_fraction <= 1.0:
+            raise ValueError(
+                f"warmstart.early_answer_fraction must be in [0, 1], got {self.early_answer_fraction}"
+            )
 
 
 @dataclass

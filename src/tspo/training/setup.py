@@ -212,7 +212,14 @@ def run_warm_start(
     ws = config.warmstart
     renamer = world_renamer(config, world_dir) if ws.rename_entities else None
     demos = build_demonstrations(
-        pool, tokenizer, retriever, config.rollout, copies=ws.copies, renamer=renamer
+        pool,
+        tokenizer,
+        retriever,
+        config.rollout,
+        copies=ws.copies,
+        renamer=renamer,
+        early_answer_fraction=ws.early_answer_fraction,
+        seed=config.trainer.seed,
     )
     if not demos:
         raise ResourceError("warmstart.steps > 0 but no training example has a metadata.chain to demonstrate")
@@ -222,6 +229,7 @@ def run_warm_start(
         demos,
         steps=ws.steps,
         learning_rate=ws.learning_rate,
+        warmup_steps=ws.warmup_steps,
         batch_size=ws.batch_size,
         seed=config.trainer.seed,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,

@@ -41,13 +41,18 @@ def build_demonstrations(
     *,
     copies: int = 1,
     renamer: EntityRenamer | None = None,
+    early_answer_fraction: float = 0.0,
+    seed: int = 0,
 ) -> list[Trajectory]:
     """``copies`` demonstrations per example that has an intended search chain; others are skipped.
 
     The searches run once per example with the original queries. With a ``renamer`` every copy gets
     its own consistent substitution of the entity names in the question, the queries, the retrieved
-    passages and the answer (see :mod:`tspo.training.renaming`).
+    passages and the answer (see :mod:`tspo.training.renaming`). With ``early_answer_fraction`` that
+    share of multi-hop demonstrations (a seeded draw per copy) stops after the first search and answers
+    with the entity it found, the first bridge of the chain: a weaker teacher's habit for RL to correct.
     """
+    draws = random.Random(seed)
     usable = [ex for ex in examples if ex.metadata.get("chain") and ex.golds]
     chains = [[str(query) for query in ex.metadata["chain"]] for ex in usable]
     retrieved: list[list[list[Doc]]] = [[] for _ in usable]
@@ -71,12 +76,18 @@ def build_demonstrations(
                 [replace(doc, title=rename(doc.title), text=rename(doc.text)) for doc in docs]
                 for docs in hops
             ]
+            queries = [rename(query) for query in chain]
+            answer = rename(ex.golds[0])
+            bridges = ex.metadata.get("bridge_entities") or []
+            if len(chain) > 1 and bridges and draws.random() < early_answer_fraction:
+                queries, renamed_hops, answer = queries[:1], renamed_hops[:1], rename(str(bridges[0]))
             demos.append(
                 _demonstration(
                     rename(ex.question),
                     [rename(gold) for gold in ex.golds],
-                    [rename(query) for query in chain],
+                    queries,
                     renamed_hops,
+                    answer,
                     str(ex.id),
                     tokenizer,
                     rollout,
@@ -90,11 +101,12 @@ def _demonstration(
     golds: list[str],
     queries: list[str],
     hops: list[list[Doc]],
+    answer: str,
     sample_id: str,
     tokenizer: Any,
     rollout: RolloutConfig,
 ) -> Trajectory:
-    """One search turn per query with its observation, then the answer turn."""
+    """One search turn per query with its observation, then the turn answering ``answer``."""
     protocol = rollout.protocol
     builder = TrajectoryBuilder(
         build_prompt_ids(question, tokenizer, protocol),
@@ -110,9 +122,49 @@ def _demonstration(
         observation = format_observation(docs, protocol)
         ids = _encode(tokenizer, observation)[: rollout.max_observation_tokens]
         builder.add_observation(ids, observation, docs)
-    text = f"<{protocol.answer_tag}> {golds[0]} </{protocol.answer_tag}>"
-    builder.add_generation(_encode(tokenizer, text), None, text, TurnAction.ANSWER, content=golds[0])
+    text = f"<{protocol.answer_tag}> {answer} </{protocol.answer_tag}>"
+    builder.add_generation(_encode(tokenizer, text), None, text, TurnAction.ANSWER, content=answer)
     return builder.build()
+
+
+def backward_demonstration_loss(
+    model: torch.nn.Module, batch: Sequence[Trajectory], pad_token_id: int
+) -> float:
+    """Back-propagate the mean negative log-likelihood of ``batch``'s trained tokens; returns it.
+
+    The batch is scored in the runs of :func:`split_by_length`, each run's summed loss divided by the
+    whole batch's token count, so the accumulated gradient is the one of the padded batch.
+    """
+    lengths = [len(demo.prompt_ids) + len(demo.response_ids) for demo in batch]
+    trained_tokens = max(1, sum(sum(demo.loss_mask) for demo in batch))
+    total = 0.0
+    for part in split_by_length(lengths, range(len(batch))):
+        scored = collate_trajectories([batch[i] for i in part], pad_token_id)
+        logprobs = response_scores(model, scored).logprobs
+        loss = -(logprobs * scored.loss_mask.to(logprobs.device)).sum() / trained_tokens
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def split_by_length(lengths: Sequence[int], rows: Sequence[int]) -> list[list[int]]:
+    """``rows`` sorted by length and cut into two runs at the cut that pads least, if that saves
+    at least a tenth of the padded tokens (else one run: a second forward pass has its own cost).
+
+    One- and two-hop demonstrations mixed in a batch pad the short ones to the long ones' length (a
+    third of the compute in the tiny preset); scoring the two runs separately and summing their
+    losses gives the same gradient without that padding.
+    """
+    ordered = sorted(rows, key=lengths.__getitem__)
+    if not ordered:
+        return []
+    whole = len(ordered) * lengths[ordered[-1]]
+    best_cut, best_cost = 0, 0.9 * whole
+    for cut in range(1, len(ordered)):
+        cost = cut * lengths[ordered[cut - 1]] + (len(ordered) - cut) * lengths[ordered[-1]]
+        if cost <= best_cost:
+            best_cut, best_cost = cut, cost
+    return [part for part in (ordered[:best_cut], ordered[best_cut:]) if part]
 
 
 def warm_start(
@@ -125,14 +177,20 @@ def warm_start(
     batch_size: int,
     seed: int,
     pad_token_id: int,
+    warmup_steps: int = 0,
 ) -> list[float]:
-    """Maximise the likelihood of the demonstrations' generated tokens; returns the loss per step."""
+    """Maximise the likelihood of the demonstrations' generated tokens; returns the loss per step.
+
+    AdamW with the learning rate rising linearly over ``warmup_steps`` and decaying linearly to 0.
+    """
     if not demonstrations or steps <= 0:
         return []
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / max(1, steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * (1.0 - s / max(1, steps))
+    )
     model.train()
     losses = []
     order: list[int] = []
@@ -142,15 +200,10 @@ def warm_start(
             rng.shuffle(fresh)
             order.extend(fresh)
         rows, order = order[:batch_size], order[batch_size:]
-        batch = collate_trajectories([demonstrations[r] for r in rows], pad_token_id)
-        logprobs = response_scores(model, batch).logprobs
-        mask = batch.loss_mask.to(logprobs.device)
-        loss = -(logprobs * mask).sum() / mask.sum().clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.append(backward_demonstration_loss(model, [demonstrations[r] for r in rows], pad_token_id))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss.detach()))
     logger.info("warm start: %d steps, loss %.3f -> %.3f", steps, losses[0], losses[-1])
     return losses
