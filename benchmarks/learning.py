@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--threshold", type=float, default=0.5, help="held-out EM for steps-to-threshold")
+    parser.add_argument("--threshold", type=float, default=0.6, help="held-out EM for steps-to-threshold")
     parser.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning"))
     args = parser.parse_args()

@@ -1,10 +1,13 @@
-"""The tiny preset learns: from random weights to answering held-out questions by searching.
+"""The tiny preset learns, and its RL steps raise held-out EM.
 
 `tspo train --preset tiny` end to end (world, BM25, tiny model, renamed warm start, 30 TSPO steps) with
-its fixed seed. Margins come from measured runs (docs/training.md, benchmarks/README.md): the untrained
-model scores 0 on the preset's 64 held-out questions; the warm-started one 0.59 (hit rate 0.92), 0.63
-after the 30 RL steps (seed 0). On 200 questions, seeds 0-2: 0.39-0.46 after the warm start, 0.33-0.44
-after RL. What this test does not show, because we have not measured it: RL itself raising held-out EM.
+its fixed seed. The warm start imitates a teacher that answers 70 % of two-hop questions after the
+first search, so the warm-started model under-searches; RL has to teach it to search again.
+
+Measured (docs/training.md, benchmarks/README.md): on the preset's 64 held-out questions (seed 0) the
+untrained model scores 0; after the warm start EM 0.469 with 1.00 searches per question; after the 30
+TSPO steps EM 0.672 with 1.39 searches. On 200 questions, seeds 0-2, every algorithm: 0.32-0.52 after
+the warm start, RL gains +0.09 to +0.24 (TSPO +0.135 to +0.24). The margins are about half of those.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from tspo.training.trainer import Trainer
 RUN = ["trainer.progress=false", "trainer.plots=false", "trainer.save_every=0"]
 
 
-def test_tiny_preset_takes_held_out_em_from_zero_to_a_searching_answerer(tmp_path):
+def test_tiny_preset_learns_to_answer_and_rl_teaches_it_to_search_again(tmp_path):
     untrained = Trainer(
         load_train_config(
             "tiny",
@@ -26,11 +29,13 @@ def test_tiny_preset_takes_held_out_em_from_zero_to_a_searching_answerer(tmp_pat
     trained = Trainer(
         load_train_config("tiny", None, [*RUN, f"trainer.output_dir={tmp_path / 'tiny'}"])
     ).train()
+    before, after = trained.eval_before, trained.eval_after
 
-    assert untrained.eval_before["n"] == trained.eval_before["n"] == 64
+    assert untrained.eval_before["n"] == before["n"] == 64
     assert untrained.eval_before["em"] <= 0.02
-    # After the warm start: it searches and copies answers out of retrieved passages.
-    assert trained.eval_before["em"] >= 0.35, trained.eval_before
-    assert trained.eval_before["hit_rate"] >= 0.6, trained.eval_before
-    # After the RL steps: still well above the untrained model.
-    assert trained.eval_after["em"] >= untrained.eval_before["em"] + 0.3, trained.eval_after
+    # After the warm start: it copies answers out of retrieved passages, but searches once.
+    assert before["em"] >= 0.25, before
+    assert before["searches"] <= 1.15, before
+    # After RL: it searches again on two-hop questions, and held-out EM rose.
+    assert after["searches"] >= before["searches"] + 0.2, after
+    assert after["em"] >= before["em"] + 0.1, after
