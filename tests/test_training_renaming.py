@@ -143,3 +143,14 @@ def test_early_answer_demonstrations_stop_after_the_first_search_and_answer_the_
         examples, tokenizer, retriever, rollout, copies=8, early_answer_fraction=0.5, seed=3
     )
     assert [demo.turns[-1].content for demo in again] == [demo.turns[-1].content for demo in half]
+
+
+def test_early_answers_without_multi_hop_questions_warn_that_they_do_nothing(world_setup, caplog):
+    examples, tokenizer, retriever, _ = world_setup
+    one_hop = [ex for ex in examples if len(ex.metadata["chain"]) == 1]
+    with caplog.at_level("WARNING", logger="tspo.training.warmstart"):
+        demos = build_demonstrations(
+            one_hop, tokenizer, retriever, RolloutConfig(), early_answer_fraction=0.5
+        )
+    assert len(demos) == len(one_hop)
+    assert "early_answer_fraction=0.5 has no effect" in caplog.text

@@ -62,6 +62,7 @@ def build_demonstrations(
         for row, docs in zip(rows, results, strict=True):
             retrieved[row].append(list(docs))
     demos = []
+    stopped_early = 0
     for _ in range(copies):
         for ex, chain, hops in zip(usable, chains, retrieved, strict=True):
             mapping: dict[str, str] = {}
@@ -81,6 +82,7 @@ def build_demonstrations(
             bridges = ex.metadata.get("bridge_entities") or []
             if len(chain) > 1 and bridges and draws.random() < early_answer_fraction:
                 queries, renamed_hops, answer = queries[:1], renamed_hops[:1], rename(str(bridges[0]))
+                stopped_early += 1
             demos.append(
                 _demonstration(
                     rename(ex.question),
@@ -93,6 +95,18 @@ def build_demonstrations(
                     rollout,
                 )
             )
+    if early_answer_fraction > 0:
+        multi_hop = sum(
+            len(chain) > 1 and bool(ex.metadata.get("bridge_entities"))
+            for ex, chain in zip(usable, chains, strict=True)
+        )
+        if not multi_hop:
+            logger.warning(
+                "early_answer_fraction=%s has no effect: no demonstrated question has a multi-hop chain "
+                "with metadata.bridge_entities",
+                early_answer_fraction,
+            )
+        logger.info("demonstrations: %d, of which %d stop after the first search", len(demos), stopped_early)
     return demos
 
 
