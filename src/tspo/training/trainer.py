@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from tspo.training.config import TrainConfig
 from tspo.training.metrics import MetricsLogger
 from tspo.training.policy import batched_logprobs
 from tspo.training.prompts import PromptSampler
+from tspo.training.schedules import linear_warmup
 from tspo.training.setup import RunResources, build_resources
 from tspo.training.update import NonFiniteUpdate, UpdateSettings, policy_update
 from tspo.trajectory import Trajectory, collate_trajectories
@@ -108,9 +110,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             trainable, lr=cfg.trainer.learning_rate, weight_decay=cfg.trainer.weight_decay
         )
-        warmup = max(0, cfg.trainer.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+            self.optimizer, partial(linear_warmup, warmup_steps=cfg.trainer.warmup_steps)
         )
         self.sampler: PromptSampler[QAExample] = PromptSampler(res.rl_examples, seed=cfg.trainer.seed)
         if checkpoint is not None:

@@ -14,6 +14,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from tspo.rollout import RolloutConfig
 from tspo.rollout.loop import build_prompt_ids
 from tspo.training.policy import response_scores
 from tspo.training.renaming import EntityRenamer
+from tspo.training.schedules import warmup_then_linear_decay
 from tspo.trajectory import Trajectory, TrajectoryBuilder, TurnAction, collate_trajectories
 
 logger = logging.getLogger(__name__)
@@ -61,10 +63,23 @@ def build_demonstrations(
         results = retriever.search([chains[i][hop] for i in rows], rollout.topk)
         for row, docs in zip(rows, results, strict=True):
             retrieved[row].append(list(docs))
+    # The first bridge entity of each multi-hop question: what an early-answering teacher answers.
+    first_bridges = [
+        str(ex.metadata["bridge_entities"][0])
+        if len(chain) > 1 and ex.metadata.get("bridge_entities")
+        else None
+        for ex, chain in zip(usable, chains, strict=True)
+    ]
+    if early_answer_fraction > 0 and not any(first_bridges):
+        logger.warning(
+            "early_answer_fraction=%s has no effect: no demonstrated question has a multi-hop chain "
+            "with metadata.bridge_entities",
+            early_answer_fraction,
+        )
     demos = []
     stopped_early = 0
     for _ in range(copies):
-        for ex, chain, hops in zip(usable, chains, retrieved, strict=True):
+        for ex, chain, hops, bridge in zip(usable, chains, retrieved, first_bridges, strict=True):
             mapping: dict[str, str] = {}
             if renamer is not None:
                 passages = [f"{doc.title} {doc.text}" for docs in hops for doc in docs]
@@ -79,9 +94,8 @@ def build_demonstrations(
             ]
             queries = [rename(query) for query in chain]
             answer = rename(ex.golds[0])
-            bridges = ex.metadata.get("bridge_entities") or []
-            if len(chain) > 1 and bridges and draws.random() < early_answer_fraction:
-                queries, renamed_hops, answer = queries[:1], renamed_hops[:1], rename(str(bridges[0]))
+            if bridge is not None and draws.random() < early_answer_fraction:
+                queries, renamed_hops, answer = queries[:1], renamed_hops[:1], rename(bridge)
                 stopped_early += 1
             demos.append(
                 _demonstration(
@@ -96,16 +110,6 @@ def build_demonstrations(
                 )
             )
     if early_answer_fraction > 0:
-        multi_hop = sum(
-            len(chain) > 1 and bool(ex.metadata.get("bridge_entities"))
-            for ex, chain in zip(usable, chains, strict=True)
-        )
-        if not multi_hop:
-            logger.warning(
-                "early_answer_fraction=%s has no effect: no demonstrated question has a multi-hop chain "
-                "with metadata.bridge_entities",
-                early_answer_fraction,
-            )
         logger.info("demonstrations: %d, of which %d stop after the first search", len(demos), stopped_early)
     return demos
 
@@ -203,7 +207,7 @@ def warm_start(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * (1.0 - s / max(1, steps))
+        optimizer, partial(warmup_then_linear_decay, warmup_steps=warmup_steps, total_steps=steps)
     )
     model.train()
     losses = []
