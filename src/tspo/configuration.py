@@ -204,6 +204,8 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     rows: list[tuple[str, str, Any, str]] = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
+        if not f.init:  # run-time state, not a setting
+            continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, f"{prefix}{f.name}."))

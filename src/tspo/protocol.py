@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import cached_property
 
@@ -69,6 +69,22 @@ class ParsedAction:
 
 
 @dataclass(frozen=True)
+class WorkedExample:
+    """One solved question shown before the real one (a few-shot example).
+
+    Attributes:
+        question: the example's question (from the training split).
+        searches: ``(query, retrieved docs)`` per search turn, in order; the docs are what the configured
+            retriever returned for the query, so the example looks exactly like a real rollout.
+        answer: the final answer (a gold alias).
+    """
+
+    question: str
+    searches: tuple[tuple[str, tuple[Doc, ...]], ...]
+    answer: str
+
+
+@dataclass(frozen=True)
 class ProtocolConfig:
     """Tags and texts of the agent protocol (defaults reproduce Search-R1)."""
 
@@ -90,6 +106,16 @@ class ProtocolConfig:
         default=True,
         metadata={"help": "wrap the instruction as a user turn when the tokenizer has a template"},
     )
+    examples: int = field(
+        default=0,
+        metadata={
+            "help": "worked examples placed before the question (few-shot): complete search / information "
+            "/ answer trajectories of training questions with real retrieval results; 0 = zero-shot"
+        },
+    )
+    # The rendered examples themselves: chosen at run time (they need the training split and the
+    # retriever), so not a config key; ``with_worked_examples`` attaches them.
+    worked_examples: tuple[WorkedExample, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if "{question}" not in self.instruction:
@@ -98,11 +124,19 @@ class ProtocolConfig:
         for name, value in zip(("search_tag", "answer_tag", "information_tag"), tags, strict=True):
             if not value or not re.fullmatch(r"[A-Za-z_][\w-]*", value):
                 raise ValueError(f"protocol.{name} must be a plain tag name, got {value!r}")
+        if self.examples < 0:
+            raise ValueError(f"protocol.examples must be >= 0, got {self.examples}")
         if len(set(tags)) != len(tags):
             raise ValueError(
                 f"protocol tags must be distinct, got search={tags[0]!r} answer={tags[1]!r} "
                 f"information={tags[2]!r}"
             )
+
+    def with_worked_examples(self, examples: Sequence[WorkedExample]) -> ProtocolConfig:
+        """A copy of this protocol whose prompts start with ``examples`` (see :func:`few_shot_turns`)."""
+        copy = replace(self)
+        object.__setattr__(copy, "worked_examples", tuple(examples))
+        return copy
 
     @property
     def stop_strings(self) -> tuple[str, str]:
@@ -143,8 +177,45 @@ def build_instruction(question: str, config: ProtocolConfig = DEFAULT_PROTOCOL) 
 
 
 def build_prompt_messages(question: str, config: ProtocolConfig = DEFAULT_PROTOCOL) -> list[dict[str, str]]:
-    """The prompt as chat messages (the form verl parquet files and chat templates take)."""
-    return [{"role": "user", "content": build_instruction(question, config)}]
+    """The prompt as chat messages (the form verl parquet files and chat templates take): each worked
+    example as a user turn and the assistant's response, then the question's user turn."""
+    messages = []
+    for instruction, response in few_shot_turns(config):
+        messages += [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+    return [*messages, {"role": "user", "content": build_instruction(question, config)}]
+
+
+def example_response(example: WorkedExample, config: ProtocolConfig = DEFAULT_PROTOCOL) -> str:
+    """A worked example's response exactly as a rollout would hold it: each generated action followed by
+    the observation :func:`format_observation` renders for it, then the answer."""
+    parts = []
+    for query, docs in example.searches:
+        parts.append(f"<{config.search_tag}> {query} </{config.search_tag}>")
+        parts.append(format_observation(docs, config))
+    parts.append(f"<{config.answer_tag}> {example.answer} </{config.answer_tag}>")
+    return "".join(parts)
+
+
+def few_shot_turns(config: ProtocolConfig = DEFAULT_PROTOCOL) -> list[tuple[str, str]]:
+    """``(instruction, response)`` of each attached worked example, in order."""
+    return [
+        (build_instruction(ex.question, config), example_response(ex, config))
+        for ex in config.worked_examples
+    ]
+
+
+#: Between a worked example's answer and the next instruction when no chat template separates them.
+EXAMPLE_SEPARATOR = "\n\n"
+
+
+def build_prompt_text(question: str, config: ProtocolConfig = DEFAULT_PROTOCOL) -> str:
+    """The prompt without a chat template: each worked example as a complete episode (instruction and
+    response), then the instruction for ``question``. Without examples it is :func:`build_instruction`
+    byte for byte (Search-R1's prompt)."""
+    shots = "".join(
+        f"{instruction}{response}{EXAMPLE_SEPARATOR}" for instruction, response in few_shot_turns(config)
+    )
+    return shots + build_instruction(question, config)
 
 
 def parse_action(text: str, config: ProtocolConfig = DEFAULT_PROTOCOL) -> ParsedAction:

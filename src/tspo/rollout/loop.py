@@ -40,8 +40,8 @@ from tspo.protocol import (
     DEFAULT_PROTOCOL,
     ActionKind,
     ProtocolConfig,
-    build_instruction,
     build_prompt_messages,
+    build_prompt_text,
     format_observation,
     invalid_observation,
     parse_action,
@@ -121,14 +121,15 @@ class RolloutResult:
 
 def build_prompt_ids(question: str, tokenizer: Any, protocol: ProtocolConfig = DEFAULT_PROTOCOL) -> list[int]:
     """Prompt ids of ``question``: the instruction as a chat user turn when the tokenizer has a template
-    (and ``protocol.use_chat_template``), with the assistant generation prompt; else the raw text."""
+    (and ``protocol.use_chat_template``), with the assistant generation prompt; else the raw text. The
+    protocol's worked examples, if any, come first (:func:`tspo.protocol.build_prompt_text`)."""
     if protocol.use_chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             build_prompt_messages(question, protocol), add_generation_prompt=True, tokenize=False
         )
         # The template text already holds BOS-like markers; do not add them twice.
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(build_instruction(question, protocol), add_special_tokens=True)["input_ids"])
+    return list(tokenizer(build_prompt_text(question, protocol), add_special_tokens=True)["input_ids"])
 
 
 def _call_seed(seed: int | None, wave: int, chunk: int) -> int | None:
