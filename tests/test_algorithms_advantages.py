@@ -49,6 +49,7 @@ def make_inputs(
             if turn < len(rewards) - 1:
                 token_turn_index[row, position : position + OBSERVED] = turn
                 position += OBSERVED
+    hits = [folr_of(rewards, outcome) for rewards, outcome, _ in trajectories]
     return AdvantageInputs(
         outcome=torch.tensor([outcome for _, outcome, _ in trajectories], dtype=dtype),
         turn_rewards=turn_rewards,
@@ -56,7 +57,19 @@ def make_inputs(
         token_turn_index=token_turn_index,
         loss_mask=loss_mask.bool() if bool_mask else loss_mask,
         group_index=torch.tensor([group for _, _, group in trajectories]),
+        first_hit_turn=torch.tensor([turn for turn, _ in hits]),
+        folr=torch.tensor([value for _, value in hits], dtype=dtype),
     )
+
+
+def folr_of(rewards: Sequence[float], outcome: float) -> tuple[int, float]:
+    """The fixtures' convention: the first turn whose reward, less the outcome on the last turn, is not 0
+    is the first hit, and that reward is F (the scoring code fills these fields; tests write rewards)."""
+    for turn, reward in enumerate(rewards):
+        extra = reward - (outcome if turn == len(rewards) - 1 else 0.0)
+        if abs(extra) > 1e-12:
+            return turn, extra
+    return -1, 0.0
 
 
 def assert_turns(actual: torch.Tensor, expected: Sequence[Sequence[float]], rel: float = 1e-5) -> None:
@@ -90,30 +103,57 @@ MIXED_STD = math.sqrt((0.65**2 + 0.35**2 + 0.35**2 + 0.65**2) / 3)  # unbiased
 
 
 def test_contract_example_adaptive_near_miss_credited_up_to_hit_then_blamed() -> None:
-    # mean R = 0.075, unbiased std R = 0.15: near miss (G - 0.075) / 0.15 = [1.5, 1.5, -0.5]; failures -0.5.
+    # mean R = 0.075, unbiased std R = 0.15, O = 0 for all: A^f = 1.5 for the near miss, -0.5 for the
+    # failures. Retrieval stage A^o + A^f; answer stage A^o - (1 - o) * h * A^f (reclaim 1).
     inputs = make_inputs(ALL_WRONG)
     out = compute_advantages("tspo", inputs)
-    assert_turns(out.turn_advantages, [[1.5, 1.5, -0.5], [-0.5] * 3, [-0.5] * 2, [-0.5] * 3])
-    assert out.turn_advantages[0, 0] > 0 and out.turn_advantages[0, 1] > 0  # search stage credited
-    assert out.turn_advantages[0, 2] < 0  # answer stage blamed
-    assert out.turn_level is not None and out.turn_level.all()  # all o equal -> turn-level
+    assert_turns(out.turn_advantages, [[1.5, 1.5, -1.5], [-0.5, -0.5, 0.0], [-0.5, 0.0], [-0.5, -0.5, 0.0]])
+    assert out.turn_level is not None and out.turn_level.all()  # all o equal -> stage advantages
     assert_tokens_follow_turns(inputs, out.turn_advantages, out.token_advantages)
-    # The same numbers with the default mode spelled out.
+    # The same numbers with the default mode spelled out; reclaim 0 keeps the near miss's credit.
     assert torch.equal(
         compute_advantages("tspo", inputs, mode="adaptive").turn_advantages, out.turn_advantages
     )
+    kept = compute_advantages("tspo", inputs, reclaim=0.0)
+    assert_turns(kept.turn_advantages[:1], [[1.5, 1.5, 0.0]])
+    half = compute_advantages("tspo", inputs, reclaim=0.5)
+    assert_turns(half.turn_advantages[:1], [[1.5, 1.5, -0.75]])
 
 
-def test_turn_mode_with_discount() -> None:
+def test_legacy_mode_is_the_v1_rule_with_discount() -> None:
+    # v1: (G - mean R) / s in homogeneous groups. gamma 1: near miss [1.5, 1.5, -0.5], failures -0.5.
+    out = compute_advantages("tspo", make_inputs(ALL_WRONG), mode="legacy")
+    assert_turns(out.turn_advantages, [[1.5, 1.5, -0.5], [-0.5] * 3, [-0.5] * 2, [-0.5] * 3])
     # gamma = 0.5: near miss G = [0 + 0.5 * 0.3, 0.3, 0] = [0.15, 0.3, 0] -> [0.5, 1.5, -0.5].
-    out = compute_advantages("tspo", make_inputs(ALL_WRONG), mode="turn", gamma=0.5)
+    out = compute_advantages("tspo", make_inputs(ALL_WRONG), mode="legacy", gamma=0.5)
     assert_turns(out.turn_advantages, [[0.5, 1.5, -0.5], [-0.5] * 3, [-0.5] * 2, [-0.5] * 3])
-    # Mixed group, turn mode, gamma 0.5: complete success G = [0.3 + 0.5 * 1.0, 1.0] = [0.8, 1.0].
-    out = compute_advantages("tspo", make_inputs(MIXED), mode="turn", gamma=0.5)
-    success = [(0.8 - MIXED_MEAN) / MIXED_STD, (1.0 - MIXED_MEAN) / MIXED_STD]
-    near_miss = [(0.15 - MIXED_MEAN) / MIXED_STD, (0.3 - MIXED_MEAN) / MIXED_STD, -MIXED_MEAN / MIXED_STD]
-    assert_turns(out.turn_advantages[[0, 2]], [success, near_miss])
+    # Mixed outcomes: trajectory level, as adaptive.
+    mixed = make_inputs(MIXED)
+    torch.testing.assert_close(
+        compute_advantages("tspo", mixed, mode="legacy").turn_advantages,
+        compute_advantages("tspo", mixed, mode="traj").turn_advantages,
+    )
+
+
+def test_turn_mode_gives_stage_advantages_in_a_mixed_group() -> None:
+    # R = 1.3, 1.0, 0.3, 0.0; F = 0.3, 0, 0.3, 0 (mean 0.15); O = 1, 1, 0, 0 (mean 0.5); s = std R.
+    out = compute_advantages("tspo", make_inputs(MIXED), mode="turn")
+    s = MIXED_STD
+    assert_turns(
+        out.turn_advantages,
+        [
+            [(0.5 + 0.15) / s, 0.5 / s],  # complete success: the correct answer keeps A^o
+            [0.5 / s],  # success without retrieval: its only turn is the answer
+            [(-0.5 + 0.15) / s] * 2 + [(-0.5 - 0.15) / s],  # near miss: gives its search credit back
+            [(-0.5 - 0.15) / s] * 2 + [-0.5 / s],  # complete failure
+        ],
+    )
     assert out.turn_level is not None and out.turn_level.all()
+
+
+def test_gamma_is_refused_outside_legacy_mode() -> None:
+    with pytest.raises(ValueError, match="gamma applies only to tspo mode 'legacy'"):
+        compute_advantages("tspo", make_inputs(ALL_WRONG), mode="turn", gamma=0.5)
 
 
 def test_traj_mode_is_grpo_on_folr_rewards() -> None:
@@ -135,11 +175,34 @@ def test_mixed_group_gets_trajectory_level_advantages_in_adaptive_mode() -> None
     assert out.turn_level is not None and not out.turn_level.any()
 
 
-def test_all_right_group_is_turn_level_and_prefers_retrieval() -> None:
-    # R = 1.3 (hit, right) and 1.0 (no hit, right): mean 1.15, std 0.2121; complete success G = [1.3, 1.0].
-    out = compute_advantages("tspo", make_inputs([([0.3, 1.0], 1.0, 0), ([1.0], 1.0, 0)]))
+def test_all_right_group_credits_retrieval_and_never_pushes_a_correct_answer_down() -> None:
+    # R = 1.3 (hit, right) and 1.0 (no hit, right): mean 1.15, std 0.2121; A^f = +-0.15 / 0.2121, A^o = 0.
+    group = make_inputs([([0.3, 1.0], 1.0, 0), ([1.0], 1.0, 0)])
     third = 0.15 / math.sqrt(0.045)
-    assert_turns(out.turn_advantages, [[third, -third], [-third]])
+    assert_turns(compute_advantages("tspo", group).turn_advantages, [[third, 0.0], [0.0]])
+    # The v1 rule pushed both answers down (G = o lacks alpha, mean R has it).
+    assert_turns(
+        compute_advantages("tspo", group, mode="legacy").turn_advantages, [[third, -third], [-third]]
+    )
+
+
+def test_the_issue_table_to_three_decimals() -> None:
+    # Issue 12's worked groups (alpha 0.3): all wrong (S S A each) and all right (algo-demo's group 3).
+    all_wrong = make_inputs([([0.0, 0.3, 0.0], 0.0, 0)] + [([0.0, 0.0, 0.0], 0.0, 0)] * 3)
+    all_right = make_inputs(
+        [([0.0, 0.3, 1.0], 1.0, 0), ([0.3, 1.0], 1.0, 0), ([0.0, 1.0], 1.0, 0), ([1.0], 1.0, 0)]
+    )
+    expected = {
+        ("legacy", 0): [[1.5, 1.5, -0.5]] + [[-0.5] * 3] * 3,
+        ("adaptive", 0): [[1.5, 1.5, -1.5]] + [[-0.5, -0.5, 0.0]] * 3,
+        ("legacy", 1): [[0.866, 0.866, -0.866], [0.866, -0.866], [-0.866, -0.866], [-0.866]],
+        ("adaptive", 1): [[0.866, 0.866, 0.0], [0.866, 0.0], [-0.866, 0.0], [0.0]],
+    }
+    for (mode, which), rows in expected.items():
+        out = compute_advantages("tspo", (all_wrong, all_right)[which], mode=mode)
+        for row, values in enumerate(rows):
+            got = [round(float(v), 3) for v in out.turn_advantages[row, : len(values)]]
+            assert got == values, (mode, which, row)
 
 
 def test_group_of_one() -> None:
@@ -148,10 +211,17 @@ def test_group_of_one() -> None:
     assert_turns(compute_advantages("grpo", inputs).turn_advantages, [[0.7 / (1 + EPS)] * 2])
     assert_turns(compute_advantages("drgrpo", inputs).turn_advantages, [[0.7] * 2])
     assert_turns(compute_advantages("dspo", inputs).turn_advantages, [[1.0 / (1 + EPS)] * 2])
-    # No other member to compare with: RLOO and TSPO (zero spread) give no signal.
+    # No other member to compare with: RLOO gives no signal.
     assert_turns(compute_advantages("rloo", inputs).turn_advantages, [[0.0] * 2])
-    for mode in ("adaptive", "turn", "traj"):
-        assert_turns(compute_advantages("tspo", inputs, mode=mode).turn_advantages, [[0.0] * 2])
+    # TSPO follows GRPO's mean 0 / std 1: F = 0.3 (hit at turn 0), O = 0.4 (o = 1 with -0.6 shaping).
+    scale = 1 + EPS
+    assert_turns(compute_advantages("tspo", inputs, mode="traj").turn_advantages, [[0.7 / scale] * 2])
+    assert_turns(
+        compute_advantages("tspo", inputs, mode="legacy").turn_advantages, [[0.7 / scale, 0.4 / scale]]
+    )
+    for mode in ("adaptive", "turn"):
+        out = compute_advantages("tspo", inputs, mode=mode)
+        assert_turns(out.turn_advantages, [[0.7 / scale, 0.4 / scale]])
 
 
 def test_rloo_drgrpo_and_dspo_numbers() -> None:
@@ -182,7 +252,7 @@ def test_zero_spread_group_gets_exactly_zero_everywhere() -> None:
     same = [([0.0, 0.3], 0.0, 1), ([0.3, 0.0, 0.0], 0.0, 1), ([0.0, 0.0, 0.3], 0.0, 1)]  # all R = 0.3
     inputs = make_inputs(same)
     for name, options in [("grpo", {}), ("drgrpo", {}), ("dspo", {}), ("rloo", {})] + [
-        ("tspo", {"mode": mode}) for mode in ("adaptive", "turn", "traj")
+        ("tspo", {"mode": mode}) for mode in ("adaptive", "turn", "traj", "legacy")
     ]:
         out = compute_advantages(name, inputs, **options)
         assert torch.all(out.turn_advantages == 0), (name, options)
@@ -202,15 +272,17 @@ def test_several_groups_interleaved_equal_each_group_alone() -> None:
         ([0.5], 0.5, 1000),
     ]
     inputs = make_inputs(trajectories)
-    for name, options in [("grpo", {}), ("drgrpo", {}), ("dspo", {}), ("rloo", {})] + [
-        ("tspo", {"mode": mode, "gamma": 0.9}) for mode in ("adaptive", "turn", "traj")
-    ]:
+    for name, options in (
+        [("grpo", {}), ("drgrpo", {}), ("dspo", {}), ("rloo", {})]
+        + [("tspo", {"mode": mode}) for mode in ("adaptive", "turn", "traj")]
+        + [("tspo", {"mode": "legacy", "gamma": 0.9})]
+    ):
         together = compute_advantages(name, inputs, **options)
         for group in {group for _, _, group in trajectories}:
             rows = torch.tensor([row for row, (_, _, g) in enumerate(trajectories) if g == group])
             alone_inputs = AdvantageInputs(
                 **{field: getattr(inputs, field)[rows] for field in AdvantageInputs.__dataclass_fields__}
-            )
+            )  # every field is a (B, ...) tensor here
             alone = compute_advantages(name, alone_inputs, **options)
             torch.testing.assert_close(
                 together.turn_advantages[rows], alone.turn_advantages, rtol=0, atol=1e-12
@@ -384,6 +456,40 @@ def test_bad_inputs_are_named(changes: dict[str, object], message: str) -> None:
         compute_advantages("tspo", _replace(GOOD, **changes))
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"folr": None}, "first_hit_turn and folr come together"),
+        (
+            {"first_hit_turn": torch.tensor([1, -1, 2, -1])},
+            r"first_hit_turn\[2\] is 2 but trajectory 2 has 2",
+        ),
+        ({"first_hit_turn": torch.tensor([1, -2, -1, -1])}, r"first_hit_turn\[1\] is -2"),
+        (
+            {"folr": torch.tensor([0.3, 0.3, 0.0, 0.0], dtype=torch.float64)},
+            r"folr\[1\] is 0.3 but trajectory 1 has no hit",
+        ),
+        ({"first_hit_turn": torch.tensor([1.0, -1.0, -1.0, -1.0])}, "first_hit_turn must hold integers"),
+        ({"folr": torch.tensor([0.3, 0.0, 0.0])}, r"folr has shape \(3,\) but outcome has 4 rows"),
+    ],
+)
+def test_bad_hit_fields_are_named(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        compute_advantages("grpo", _replace(GOOD, **changes))
+
+
+def test_stage_advantages_need_the_hit_fields() -> None:
+    bare = _replace(GOOD, first_hit_turn=None, folr=None)
+    with pytest.raises(ValueError, match=r"needs AdvantageInputs\.first_hit_turn and \.folr"):
+        compute_advantages("tspo", bare)
+    with pytest.raises(ValueError, match="tspo mode 'adaptive'"):  # even with no homogeneous group
+        compute_advantages("tspo", _replace(make_inputs(MIXED), first_hit_turn=None, folr=None))
+    # Modes that do not split stages, and the baselines, run without them.
+    compute_advantages("tspo", bare, mode="traj")
+    compute_advantages("tspo", bare, mode="legacy")
+    compute_advantages("grpo", bare)
+
+
 def test_token_layout_errors_are_named() -> None:
     index = GOOD.token_turn_index.clone()
     index[1, 4] = 3  # T = 3
@@ -416,7 +522,8 @@ def test_token_layout_errors_are_named() -> None:
             r"'grpo' does not take option\(s\) mode; its options are: norm_by_std, eps",
         ),
         ("drgrpo", {"eps": 1e-3}, r"its options are: \(none\)"),
-        ("tspo", {"mode": "stage"}, "unknown tspo mode 'stage'; valid modes: adaptive, turn, traj"),
+        ("tspo", {"mode": "stage"}, "unknown tspo mode 'stage'; valid modes: adaptive, turn, traj, legacy"),
+        ("tspo", {"reclaim": -0.5}, "reclaim must be >= 0"),
         ("tspo", {"gamma": 0.0}, r"gamma must be in \(0, 1\]"),
         ("tspo", {"gamma": 1.5}, r"gamma must be in \(0, 1\]"),
         ("grpo", {"eps": 0.0}, "eps must be > 0"),

@@ -16,9 +16,12 @@ from tspo.algorithms import (
     policy_loss,
 )
 
-ESTIMATORS = [("grpo", {}), ("drgrpo", {}), ("dspo", {}), ("rloo", {})] + [
-    ("tspo", {"mode": mode, "gamma": gamma}) for mode in ("adaptive", "turn", "traj") for gamma in (1.0, 0.7)
-]
+ESTIMATORS = (
+    [("grpo", {}), ("drgrpo", {}), ("dspo", {}), ("rloo", {})]
+    + [("tspo", {"mode": mode}) for mode in ("adaptive", "turn", "traj")]
+    + [("tspo", {"mode": "adaptive", "reclaim": 0.5})]
+    + [("tspo", {"mode": "legacy", "gamma": gamma}) for gamma in (1.0, 0.7)]
+)
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None)
 KL_KINDS = ("kl", "abs", "mse", "low_var_kl")
 
@@ -50,17 +53,27 @@ def batches(draw: st.DrawFn, exact: bool = False) -> Batch:
                     st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=num_turns, max_size=num_turns
                 )
             )
+            hit = draw(st.integers(-1, num_turns - 1))
+            folr = draw(st.sampled_from([0.1, 0.3, 0.5])) if hit >= 0 else 0.0
             rows.append(
-                (group, draw(st.sampled_from([0.0, 0.5, 1.0])), rewards, layout, draw(st.integers(0, 3)))
+                (
+                    group,
+                    draw(st.sampled_from([0.0, 0.5, 1.0])),
+                    rewards,
+                    layout,
+                    draw(st.integers(0, 3)),
+                    hit,
+                    folr,
+                )
             )
     rows = draw(st.permutations(rows))  # groups interleaved in the batch
-    length = max(1, max(sum(g + o for g, o in layout) + pad for *_, layout, pad in rows))
+    length = max(1, max(sum(g + o for g, o in layout) + pad for _, _, _, layout, pad, _, _ in rows))
     batch = len(rows)
     turn_rewards = torch.zeros(batch, max_turns, dtype=torch.float64)
     turn_mask = torch.zeros(batch, max_turns, dtype=torch.bool)
     token_turn_index = torch.full((batch, length), -1, dtype=torch.long)
     loss_mask = torch.zeros(batch, length)
-    for row, (_, _, rewards, layout, _) in enumerate(rows):
+    for row, (_, _, rewards, layout, *_) in enumerate(rows):
         turn_rewards[row, : len(rewards)] = torch.tensor(rewards, dtype=torch.float64)
         turn_mask[row, : len(rewards)] = True
         position = 0
@@ -75,6 +88,8 @@ def batches(draw: st.DrawFn, exact: bool = False) -> Batch:
         token_turn_index=token_turn_index,
         loss_mask=loss_mask.bool() if draw(st.booleans()) else loss_mask,
         group_index=torch.tensor([group for group, *_ in rows]),
+        first_hit_turn=torch.tensor([row[5] for row in rows]),
+        folr=torch.tensor([row[6] for row in rows], dtype=torch.float64),
     )
     sizes = {group: sum(1 for row in rows if row[0] == group) for group in group_ids}
     return Batch(inputs, sizes)
@@ -119,7 +134,7 @@ def test_a_group_with_zero_reward_spread_gets_zero_advantage(batch: Batch, data:
     outcome = torch.where(members, 1.0 if value > 0.5 else 0.0, inputs.outcome).to(torch.float64)
     inputs = replace(inputs, turn_rewards=turn_rewards, outcome=outcome)
     for name, options in ESTIMATORS:
-        if name in ("grpo", "drgrpo", "dspo") and batch.group_sizes[group] == 1:
+        if name != "rloo" and batch.group_sizes[group] == 1:
             continue  # verl's convention: a group of one has mean 0 and std 1, so A = R (not 0)
         out = compute_advantages(name, inputs, **options)
         assert torch.all(out.turn_advantages[members] == 0), (name, options)
@@ -142,7 +157,7 @@ def test_grpo_is_invariant_to_adding_a_constant_to_all_rewards_of_a_group(
     compared = torch.tensor([batch.group_sizes[int(g)] > 1 for g in inputs.group_index])  # see group of one
     invariant = [("grpo", {}), ("drgrpo", {}), ("rloo", {})] + [
         ("tspo", {"mode": mode})
-        for mode in ("adaptive", "turn", "traj")  # gamma = 1: G moves with R
+        for mode in ("adaptive", "turn", "traj", "legacy")  # gamma = 1: G moves with R
     ]
     for name, options in invariant:
         before = compute_advantages(name, inputs, **options).token_advantages[compared]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tspo.algorithms import AdvantageInputs, AdvantageOutput, stage_masks
 from tspo.protocol import DEFAULT_PROTOCOL, ProtocolConfig
 from tspo.rewards import (
     TrajectoryCategory,
@@ -21,18 +22,20 @@ from tspo.rewards import (
     trajectory_category,
     turn_rewards,
 )
-from tspo.trajectory import Trajectory
+from tspo.trajectory import Trajectory, TrajectoryBatch
 
 
 @dataclass(frozen=True)
 class TrajectoryScore:
-    """Rewards of one trajectory. ``outcome`` is the raw o, kept apart from the shaped rewards."""
+    """Rewards of one trajectory. ``outcome`` is the raw o, kept apart from the shaped rewards;
+    ``folr`` is the FOLR part ``F = alpha * [a hit exists]`` of ``total_reward`` (0 when FOLR is off)."""
 
     answer: str | None
     outcome: float
     first_hit_turn: int | None
     turn_rewards: tuple[float, ...]
     category: str
+    folr: float = 0.0
 
     @property
     def total_reward(self) -> float:
@@ -79,6 +82,7 @@ def score_trajectories(
                 first_hit_turn=hit,
                 turn_rewards=tuple(rewards),
                 category=trajectory_category(hit is not None, outcome),
+                folr=folr_alpha if hit is not None and traj.num_turns > 0 else 0.0,
             )
         )
     return scores
@@ -92,6 +96,49 @@ def reward_tensors(scores: Sequence[TrajectoryScore], max_turns: int) -> tuple[t
         if score.turn_rewards:
             rewards[row, : len(score.turn_rewards)] = torch.tensor(score.turn_rewards)
     return outcome, rewards
+
+
+def hit_tensors(scores: Sequence[TrajectoryScore]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first_hit_turn (B,) long with -1 for none, folr (B,) float32): what TSPO's stages read."""
+    first_hit = torch.tensor(
+        [-1 if s.first_hit_turn is None else s.first_hit_turn for s in scores], dtype=torch.long
+    )
+    return first_hit, torch.tensor([s.folr for s in scores], dtype=torch.float32)
+
+
+def advantage_inputs(
+    scores: Sequence[TrajectoryScore], batch: TrajectoryBatch, group_ids: Sequence[int]
+) -> AdvantageInputs:
+    """The estimator's inputs for collated trajectories and their scores (rows in the same order)."""
+    outcome, turn_rewards = reward_tensors(scores, batch.turn_mask.shape[1])
+    first_hit, folr = hit_tensors(scores)
+    return AdvantageInputs(
+        outcome=outcome,
+        turn_rewards=turn_rewards,
+        turn_mask=batch.turn_mask,
+        token_turn_index=batch.token_turn_index,
+        loss_mask=batch.loss_mask,
+        group_index=torch.tensor(list(group_ids)),
+        first_hit_turn=first_hit,
+        folr=folr,
+    )
+
+
+def stage_diagnostics(inputs: AdvantageInputs, output: AdvantageOutput) -> dict[str, float]:
+    """Where TSPO's signal goes: the share of trajectories that got stage (turn-level) advantages and
+    the mean advantage of near misses' retrieval-stage and answer-stage turns (keys absent when empty)."""
+    metrics: dict[str, float] = {}
+    if output.turn_level is not None:
+        metrics["advantage/stage_level"] = float(output.turn_level.float().mean())
+    if inputs.first_hit_turn is None:
+        return metrics
+    near_miss = (inputs.first_hit_turn >= 0) & (inputs.outcome < 1.0)
+    retrieval, answer = stage_masks(inputs, inputs.first_hit_turn)
+    for name, stage in (("retrieval", retrieval), ("answer", answer)):
+        cells = stage & near_miss[:, None]
+        if bool(cells.any()):
+            metrics[f"advantage/near_miss_{name}_stage"] = float(output.turn_advantages[cells].mean())
+    return metrics
 
 
 def group_diagnostics(scores: Sequence[TrajectoryScore], group_ids: Sequence[int]) -> dict[str, float]:

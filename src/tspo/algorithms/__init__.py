@@ -7,16 +7,19 @@ Shapes: B trajectories, T turns, L response tokens. See ``docs/algorithms.md`` f
 from tspo.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
     DEFAULT_EPS,
+    DEFAULT_RECLAIM,
     TSPO_MODES,
     AdvantageInputs,
     AdvantageOutput,
     broadcast_turn_advantages,
+    check_estimator_options,
     compute_advantages,
     discounted_turn_returns,
     drgrpo_advantages,
     dspo_advantages,
     grpo_advantages,
     rloo_advantages,
+    stage_masks,
     tspo_advantages,
 )
 from tspo.algorithms.entropy import entropy_from_logits
@@ -32,10 +35,20 @@ from tspo.algorithms.losses import (
     sequence_ratio,
 )
 from tspo.algorithms.registry import Registry, UnknownNameError
+from tspo.algorithms.table import (
+    ALGORITHMS,
+    DEFAULT_DUAL_CLIP,
+    AlgorithmSpec,
+    ResolvedAlgorithm,
+    resolve_algorithm,
+)
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "ALGORITHMS",
+    "DEFAULT_DUAL_CLIP",
     "DEFAULT_EPS",
+    "DEFAULT_RECLAIM",
     "GROUP_FILTERS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
@@ -44,11 +57,14 @@ __all__ = [
     "ZERO_SPREAD_TOLERANCE",
     "AdvantageInputs",
     "AdvantageOutput",
+    "AlgorithmSpec",
     "GroupStatistics",
     "Registry",
+    "ResolvedAlgorithm",
     "UnknownNameError",
     "aggregate_loss",
     "broadcast_turn_advantages",
+    "check_estimator_options",
     "compute_advantages",
     "dense_group_ids",
     "discounted_turn_returns",
@@ -60,8 +76,10 @@ __all__ = [
     "grpo_advantages",
     "kl_penalty",
     "policy_loss",
+    "resolve_algorithm",
     "rloo_advantages",
     "sequence_log_ratio",
     "sequence_ratio",
+    "stage_masks",
     "tspo_advantages",
 ]

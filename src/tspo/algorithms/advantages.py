@@ -36,7 +36,8 @@ from tspo.algorithms.groups import GroupIds, GroupStatistics, dense_group_ids, g
 from tspo.algorithms.registry import Registry
 
 DEFAULT_EPS = 1e-6
-TSPO_MODES = ("adaptive", "turn", "traj")
+TSPO_MODES = ("adaptive", "turn", "traj", "legacy")
+DEFAULT_RECLAIM = 1.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class AdvantageInputs:
         token_turn_index: (B, L) integer, turn of each response token; -1 on padding.
         loss_mask: (B, L) float (0/1) or bool, 1 only on policy-generated tokens.
         group_index: (B,) integer, id of the prompt group (arbitrary ints, in any order).
+        first_hit_turn: (B,) integer or None, ``k*_i``: the first turn whose retrieved passages hold a
+            gold answer, -1 for none. Filled by scoring (local trainer) or the agent loop (verl); TSPO's
+            stage advantages read it here and never re-derive it from where rewards sit.
+        folr: (B,) float or None, the FOLR part ``F_i = alpha * h_i`` of the trajectory's total reward
+            (0 without a hit; 0 everywhere when FOLR is off). ``O_i = R_i - F_i`` is the rest.
     """
 
     outcome: torch.Tensor
@@ -59,6 +65,8 @@ class AdvantageInputs:
     token_turn_index: torch.Tensor
     loss_mask: torch.Tensor
     group_index: torch.Tensor
+    first_hit_turn: torch.Tensor | None = None
+    folr: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -108,6 +116,38 @@ class AdvantageInputs:
                 f"turn_rewards[{row}, {turn}] is {self.turn_rewards[row, turn].item()} but turn {turn} of "
                 f"trajectory {row} does not exist (turn_mask is False); rewards beyond the last turn must be 0"
             )
+        if (self.first_hit_turn is None) != (self.folr is None):
+            raise ValueError("first_hit_turn and folr come together: give both or neither")
+        if self.first_hit_turn is not None and self.folr is not None:
+            self._validate_folr(self.first_hit_turn, self.folr)
+
+    def _validate_folr(self, first_hit_turn: torch.Tensor, folr: torch.Tensor) -> None:
+        batch = self.outcome.shape[0]
+        require_tensor("first_hit_turn", first_hit_turn)
+        require_tensor("folr", folr)
+        require_ndim("first_hit_turn", first_hit_turn, 1, "(B,): one first-hit turn per trajectory")
+        require_rows("first_hit_turn", first_hit_turn, batch, "outcome")
+        require_integer("first_hit_turn", first_hit_turn)
+        require_ndim("folr", folr, 1, "(B,): one FOLR reward per trajectory")
+        require_rows("folr", folr, batch, "outcome")
+        if not folr.dtype.is_floating_point:
+            raise ValueError(f"folr must be floating point, got {folr.dtype}")
+        require_finite("folr", folr)
+        num_turns = self.turn_mask.sum(dim=1)
+        bad_turn = (first_hit_turn < -1) | (first_hit_turn >= num_turns)
+        if bool(bad_turn.any()):
+            row = int(bad_turn.nonzero()[0])
+            raise ValueError(
+                f"first_hit_turn[{row}] is {int(first_hit_turn[row])} but trajectory {row} has "
+                f"{int(num_turns[row])} turn(s); it must be -1 (no hit) or a turn index"
+            )
+        unpaid = (first_hit_turn < 0) & (folr != 0)
+        if bool(unpaid.any()):
+            row = int(unpaid.nonzero()[0])
+            raise ValueError(
+                f"folr[{row}] is {float(folr[row])} but trajectory {row} has no hit (first_hit_turn -1); "
+                "FOLR pays only a hit"
+            )
 
     def trajectory_reward(self) -> torch.Tensor:
         """(B,) float64: ``R_i = sum_k r_{i,k}`` over existing turns."""
@@ -140,6 +180,12 @@ def compute_advantages(name: str, inputs: AdvantageInputs, **options: Any) -> Ad
 
     An unknown name or an option the estimator does not take raises ``ValueError`` listing what is valid.
     """
+    check_estimator_options(name, options)
+    return ADVANTAGE_ESTIMATORS.get(name)(inputs, **options)
+
+
+def check_estimator_options(name: str, options: Any) -> None:
+    """Raise ``ValueError`` if the estimator ``name`` does not take one of the ``options`` keys."""
     estimator = ADVANTAGE_ESTIMATORS.get(name)
     accepted = [
         parameter.name
@@ -152,7 +198,6 @@ def compute_advantages(name: str, inputs: AdvantageInputs, **options: Any) -> Ad
             f"advantage estimator {name!r} does not take option(s) {', '.join(unknown)}; "
             f"its options are: {', '.join(accepted) or '(none)'}"
         )
-    return estimator(inputs, **options)
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -328,8 +373,7 @@ def _normalized(
     advantages = centred / (stats.std[group_of] + eps) if norm_by_std else centred
     # verl would give (R - mean) / eps here, which is rounding noise amplified by 1e6; a group whose
     # members all scored the same carries no signal. A group of one keeps verl's mean 0 / std 1.
-    no_signal = (stats.zero_spread() & (groups.size > 1))[group_of]
-    return torch.where(no_signal, 0.0, advantages)
+    return torch.where(_no_signal(stats, groups), 0.0, advantages)
 
 
 def _trajectory_level(inputs: AdvantageInputs, per_trajectory: torch.Tensor) -> torch.Tensor:
@@ -402,67 +446,143 @@ def rloo_advantages(inputs: AdvantageInputs) -> AdvantageOutput:
     return _finish(inputs, _trajectory_level(inputs, advantages))
 
 
+def stage_masks(inputs: AdvantageInputs, first_hit_turn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TSPO's two stages of each trajectory, as (B, T) bool masks over existing turns.
+
+    The retrieval stage is every turn up to and including the first hit ``k*`` (without a hit: every turn
+    but the last); the answer stage is every later turn (without a hit: the last turn). A trajectory whose
+    first hit is on its last turn (cut off after a search) has no answer stage.
+
+    Args:
+        first_hit_turn: (B,) integer, ``k*_i`` or -1 for none.
+
+    Returns:
+        (retrieval, answer), each (B, T) bool, disjoint, together equal to ``inputs.turn_mask``.
+    """
+    turn = torch.arange(inputs.turn_mask.shape[1], device=inputs.turn_mask.device)[None, :]
+    hit = first_hit_turn.long()[:, None]
+    last = inputs.turn_mask.sum(dim=1, keepdim=True) - 1
+    retrieval = torch.where(hit >= 0, turn <= hit, turn < last) & inputs.turn_mask
+    return retrieval, inputs.turn_mask & ~retrieval
+
+
+def _no_signal(stats: GroupStatistics, groups: GroupIds) -> torch.Tensor:
+    """(B,) bool: trajectories of a group of two or more whose values are all equal (see ``_normalized``)."""
+    return (stats.zero_spread() & (groups.size > 1))[groups.of_trajectory]
+
+
+def _stage_advantages(
+    inputs: AdvantageInputs, groups: GroupIds, reward_stats: GroupStatistics, reclaim: float, eps: float
+) -> torch.Tensor:
+    """(B, T) float64 v2 stage advantages (DESIGN section 5) for every trajectory of the batch."""
+    assert inputs.first_hit_turn is not None and inputs.folr is not None  # checked by tspo_advantages
+    group_of = groups.of_trajectory
+    folr = inputs.folr.to(torch.float64)
+    other = inputs.trajectory_reward() - folr  # O_i: the outcome plus any shaping
+    scale = reward_stats.std[group_of] + eps  # one scale per group: s = std_g R + eps
+    # A part with no spread in a group carries no signal: exactly 0, not the rounding noise of R - F.
+    other_stats, folr_stats = group_statistics(other, groups), group_statistics(folr, groups)
+    outcome_part = torch.where(
+        _no_signal(other_stats, groups), 0.0, (other - other_stats.mean[group_of]) / scale
+    )
+    folr_part = torch.where(_no_signal(folr_stats, groups), 0.0, (folr - folr_stats.mean[group_of]) / scale)
+    hit = (inputs.first_hit_turn >= 0).to(torch.float64)
+    wrong = 1.0 - inputs.outcome.to(torch.float64)
+    retrieval_stage = outcome_part + folr_part  # = GRPO on R
+    answer_stage = outcome_part - reclaim * wrong * hit * folr_part
+    retrieval, _ = stage_masks(inputs, inputs.first_hit_turn)
+    return torch.where(retrieval, retrieval_stage[:, None], answer_stage[:, None])
+
+
 @ADVANTAGE_ESTIMATORS.register("tspo")
 def tspo_advantages(
-    inputs: AdvantageInputs, *, mode: str = "adaptive", gamma: float = 1.0, eps: float = DEFAULT_EPS
+    inputs: AdvantageInputs,
+    *,
+    mode: str = "adaptive",
+    reclaim: float = DEFAULT_RECLAIM,
+    gamma: float = 1.0,
+    eps: float = DEFAULT_EPS,
 ) -> AdvantageOutput:
-    """TSPO's stage-aware advantage (Ma et al. 2026, arXiv 2601.22776).
+    """TSPO's stage-aware advantage, v2 (a reconstruction of Ma et al. 2026, arXiv 2601.22776, whose
+    method section and code are not public: the stage split, ``reclaim`` and the switch are our choices).
 
-    With ``G_{i,k} = sum_{k' >= k} gamma^(k' - k) r_{i,k'}`` and group statistics of R:
+    Per trajectory: ``F_i = alpha * h_i`` (``inputs.folr``), ``O_i = R_i - F_i``, ``s = std_g R + eps``,
+    ``A^o_i = (O_i - mean_g O) / s`` and ``A^f_i = (F_i - mean_g F) / s``. Stage advantages:
 
-    - turn-level: ``A_{i,k} = (G_{i,k} - mean_g R) / (std_g R + eps)``;
-    - trajectory-level: ``A_{i,k} = (R_i - mean_g R) / (std_g R + eps)`` on every turn (GRPO + FOLR).
+    - retrieval stage (turns ``k <= k*_i``; without a hit every turn but the last): ``A^o_i + A^f_i``,
+      which is GRPO on R;
+    - answer stage (turns ``k > k*_i``; without a hit the last turn):
+      ``A^o_i - reclaim * (1 - o_i) * h_i * A^f_i`` -- a wrong answer gives back the search credit it
+      failed to use, a correct one keeps it and is never pushed down for lacking a hit.
 
-    ``mode="adaptive"`` (default) uses turn-level advantages in outcome-homogeneous groups (all o_i
-    equal, e.g. all wrong: the near miss's turns up to its first hit are credited and the turns after it,
-    the answer stage, are not) and trajectory-level ones elsewhere; ``"turn"`` and ``"traj"`` force one.
-    A group whose R has zero spread (max - min <= 1e-9) gets exactly 0 everywhere.
+    Modes: ``adaptive`` (default) stage advantages in outcome-homogeneous groups (all o_i equal) and the
+    trajectory-level ``(R_i - mean_g R) / s`` on every turn otherwise; ``turn`` stage advantages in every
+    group; ``traj`` trajectory-level always (GRPO + FOLR); ``legacy`` the v1 rule
+    ``(G_{i,k} - mean_g R) / s`` with the return-to-go ``G`` (``gamma``) in outcome-homogeneous groups,
+    kept for ablation (it pushes correct answers down in all-correct groups that contain hits).
+    A group of two or more whose R are all equal gets exactly 0; with alpha = 0 every mode is GRPO.
 
     Args:
         mode: one of ``TSPO_MODES``.
-        gamma: turn discount in (0, 1]; 1 sums the remaining rewards.
+        reclaim: ``beta`` >= 0, how much of its search credit a wrong answer gives back (default 1).
+        gamma: turn discount in (0, 1] of the ``legacy`` mode's return-to-go (other modes need 1).
         eps: added to the std.
     """
     if mode not in TSPO_MODES:
         raise ValueError(f"unknown tspo mode {mode!r}; valid modes: {', '.join(TSPO_MODES)}")
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if gamma != 1.0 and mode != "legacy":
+        raise ValueError(f"gamma applies only to tspo mode 'legacy' (the return-to-go); got gamma {gamma}")
+    if not reclaim >= 0.0:
+        raise ValueError(f"reclaim must be >= 0, got {reclaim}")
     _check_eps(eps)
     inputs.validate()
+    if mode in ("adaptive", "turn") and (inputs.first_hit_turn is None or inputs.folr is None):
+        raise ValueError(
+            f"tspo mode {mode!r} (stage advantages) needs AdvantageInputs.first_hit_turn and .folr (the "
+            "first-hit turn and the FOLR part of R); tspo.scoring.advantage_inputs fills them"
+        )
     groups = dense_group_ids(inputs.group_index)
     group_of = groups.of_trajectory
     reward = inputs.trajectory_reward()
     stats = group_statistics(reward, groups)
-    mean = stats.mean[group_of][:, None]
     scale = (stats.std[group_of] + eps)[:, None]
-    turn_level_advantages = (
-        discounted_turn_returns(inputs.turn_rewards, inputs.turn_mask, gamma) - mean
-    ) / scale
-    trajectory_level_advantages = (reward[:, None] - mean) / scale
+    trajectory_level_advantages = (reward - stats.mean[group_of])[:, None] / scale
     if mode == "turn":
         turn_level = torch.ones_like(group_of, dtype=torch.bool)
     elif mode == "traj":
         turn_level = torch.zeros_like(group_of, dtype=torch.bool)
     else:
-        outcome_stats = group_statistics(inputs.outcome, groups)
-        turn_level = outcome_stats.zero_spread()[group_of]
-    advantages = torch.where(turn_level[:, None], turn_level_advantages, trajectory_level_advantages)
-    advantages = torch.where(stats.zero_spread()[group_of][:, None], 0.0, advantages)
+        turn_level = group_statistics(inputs.outcome, groups).zero_spread()[group_of]
+    if mode == "traj" or not bool(turn_level.any()):
+        advantages = trajectory_level_advantages.expand(-1, inputs.turn_mask.shape[1])
+    elif mode == "legacy":
+        returns = discounted_turn_returns(inputs.turn_rewards, inputs.turn_mask, gamma)
+        turn_level_advantages = (returns - stats.mean[group_of][:, None]) / scale
+        advantages = torch.where(turn_level[:, None], turn_level_advantages, trajectory_level_advantages)
+    else:
+        stage = _stage_advantages(inputs, groups, stats, reclaim, eps)
+        advantages = torch.where(turn_level[:, None], stage, trajectory_level_advantages)
+    advantages = torch.where(_no_signal(stats, groups)[:, None], 0.0, advantages)
     return _finish(inputs, advantages, turn_level=turn_level)
 
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "DEFAULT_EPS",
+    "DEFAULT_RECLAIM",
     "TSPO_MODES",
     "AdvantageInputs",
     "AdvantageOutput",
     "broadcast_turn_advantages",
+    "check_estimator_options",
     "compute_advantages",
     "discounted_turn_returns",
     "drgrpo_advantages",
     "dspo_advantages",
     "grpo_advantages",
     "rloo_advantages",
+    "stage_masks",
     "tspo_advantages",
 ]

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from tspo.algorithms.advantages import DEFAULT_RECLAIM
+from tspo.algorithms.table import ALGORITHMS, DEFAULT_DUAL_CLIP, ResolvedAlgorithm, resolve_algorithm
 from tspo.configuration import ConfigError, apply_overrides, deep_merge, from_dict, read_yaml
 from tspo.data.world import WorldConfig
 from tspo.rollout import RolloutConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-ALGORITHMS = ("tspo", "grpo", "dspo", "rloo", "drgrpo")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -106,25 +107,43 @@ class RewardConfig:
             raise ValueError(f"reward.folr_alpha must be in [0, 1), got {self.folr_alpha}")
 
 
+AlgorithmName = Literal["tspo", "tspo_turn", "tspo_traj", "tspo_legacy", "grpo", "drgrpo", "rloo", "dspo"]
+
+
 @dataclass
 class AlgorithmConfig:
-    name: Literal["tspo", "grpo", "dspo", "rloo", "drgrpo"] = field(
-        default="tspo", metadata=_help("advantage estimator / algorithm preset")
+    """What to train with. ``name`` picks a row of the algorithm table (:mod:`tspo.algorithms.table`),
+    which fixes the estimator, whether FOLR is paid, the policy loss and the group filter; the
+    ``default`` settings below keep the row's choice, any other value overrides it (and is logged)."""
+
+    name: AlgorithmName = field(
+        default="tspo",
+        metadata=_help("algorithm from the table: " + ", ".join(get_args(AlgorithmName))),
     )
-    tspo_mode: Literal["adaptive", "turn", "traj"] = field(
-        default="adaptive",
-        metadata=_help("TSPO: turn-level on outcome-homogeneous groups (adaptive), always, never"),
+    tspo_mode: Literal["default", "adaptive", "turn", "traj", "legacy"] = field(
+        default="default",
+        metadata=_help("TSPO advantage mode (default: the algorithm's; tspo = adaptive)"),
     )
-    gamma: float = field(default=1.0, metadata=_help("TSPO turn-return discount"))
+    reclaim: float = field(
+        default=DEFAULT_RECLAIM,
+        metadata=_help("TSPO beta: share of its FOLR credit a wrong answer's answer stage gives back"),
+    )
+    gamma: float = field(default=1.0, metadata=_help("TSPO legacy mode's turn-return discount"))
+    pay_folr: Literal["default", "on", "off"] = field(
+        default="default", metadata=_help("pay the FOLR reward (default: only the tspo algorithms do)")
+    )
     filter: Literal["default", "none", "outcome", "reward"] = field(
-        default="default", metadata=_help("group filter; default = outcome for dspo, none otherwise")
+        default="default", metadata=_help("group filter (default: the algorithm's; outcome for dspo)")
     )
     policy_loss: Literal["default", "token_clip", "seq_clip"] = field(
-        default="default", metadata=_help("default = seq_clip for dspo, token_clip otherwise")
+        default="default", metadata=_help("policy loss (default: the algorithm's; seq_clip for dspo)")
     )
     eps_low: float = field(default=0.2, metadata=_help("lower clip range of the importance ratio"))
     eps_high: float = field(default=0.28, metadata=_help("upper clip range (clip-higher)"))
-    dual_clip: float | None = field(default=None, metadata=_help("dual-clip constant c > 1 (None disables)"))
+    dual_clip: float | None = field(
+        default=DEFAULT_DUAL_CLIP,
+        metadata=_help("dual-clip constant c > 1, verl's clip_ratio_c default (null disables)"),
+    )
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = field(
         default="token-mean", metadata=_help("how token losses are aggregated")
     )
@@ -139,22 +158,56 @@ class AlgorithmConfig:
         default=3, metadata=_help("dynamic filtering: extra prompt draws allowed to fill a step's groups")
     )
 
+    def __post_init__(self) -> None:
+        if not self.reclaim >= 0:
+            raise ValueError(f"algorithm.reclaim must be >= 0, got {self.reclaim}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"algorithm.gamma must be in (0, 1], got {self.gamma}")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"algorithm.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
+        self.resolved()  # an option the algorithm's estimator does not take fails here, at load time
+
+    def resolved(self) -> ResolvedAlgorithm:
+        """The table row with this config's explicit overrides applied."""
+        options: dict[str, object] = {}
+        if self.tspo_mode != "default":
+            options["mode"] = self.tspo_mode
+        spec = ALGORITHMS.get(self.name)
+        if spec.estimator != "tspo" and self.tspo_mode != "default":
+            raise ValueError(
+                f"algorithm.tspo_mode={self.tspo_mode} applies only to the tspo algorithms, not {self.name}"
+            )
+        mode = options.get("mode", spec.estimator_options.get("mode"))
+        if self.gamma != 1.0 and mode != "legacy":
+            raise ValueError(
+                f"algorithm.gamma={self.gamma} applies only to tspo mode legacy (the algorithm uses {mode})"
+            )
+        if spec.estimator == "tspo":  # pass only what departs from the estimator's defaults
+            if self.reclaim != DEFAULT_RECLAIM:
+                options["reclaim"] = self.reclaim
+            if self.gamma != 1.0:
+                options["gamma"] = self.gamma
+        pay = None if self.pay_folr == "default" else self.pay_folr == "on"
+        return resolve_algorithm(
+            self.name,
+            estimator_options=options,
+            pay_folr=pay,
+            policy_loss=None if self.policy_loss == "default" else self.policy_loss,
+            group_filter=None if self.filter == "default" else self.filter,
+        )
+
     @property
     def resolved_filter(self) -> str:
-        if self.filter != "default":
-            return self.filter
-        return "outcome" if self.name == "dspo" else "none"
+        return self.resolved().group_filter
 
     @property
     def resolved_policy_loss(self) -> str:
-        if self.policy_loss != "default":
-            return self.policy_loss
-        return "seq_clip" if self.name == "dspo" else "token_clip"
+        return self.resolved().policy_loss
 
     @property
     def uses_folr(self) -> bool:
-        """Only TSPO shapes rewards with FOLR; the baselines learn from the raw outcome."""
-        return self.name == "tspo"
+        """Whether R includes FOLR: the tspo algorithms pay it, the baselines learn from the raw outcome."""
+        return self.resolved().pays_folr
 
 
 @dataclass

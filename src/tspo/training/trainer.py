@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from tspo.algorithms import AdvantageInputs, compute_advantages, group_filter_mask
+from tspo.algorithms import compute_advantages, group_filter_mask
 from tspo.configuration import to_dict
 from tspo.data.qa import QAExample
 from tspo.evaluation.runner import EvalResult, evaluate_policy
@@ -31,9 +31,11 @@ from tspo.evaluation.validation import validate, validation_sets
 from tspo.rollout import RolloutTask, run_rollouts
 from tspo.scoring import (
     TrajectoryScore,
+    advantage_inputs,
     group_diagnostics,
     reward_tensors,
     score_trajectories,
+    stage_diagnostics,
     zero_advantage_fraction,
 )
 from tspo.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -47,8 +49,6 @@ from tspo.training.update import NonFiniteUpdate, UpdateSettings, policy_update
 from tspo.trajectory import Trajectory, collate_trajectories
 
 logger = logging.getLogger(__name__)
-
-_ESTIMATOR = {"tspo": "tspo", "grpo": "grpo", "dspo": "grpo", "rloo": "rloo", "drgrpo": "drgrpo"}
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +95,7 @@ class Trainer:
         self.bad_updates = 0
         self.skipped_updates = 0
         self.rollbacks = 0
+        self.algorithm = config.algorithm.resolved()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -102,6 +103,19 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         seed_everything(cfg.trainer.seed)
+        algorithm = self.algorithm
+        logger.info(
+            "algorithm %s: %s estimator %s %s, FOLR %s, %s loss, %s filter",
+            algorithm.name,
+            algorithm.spec.summary,
+            algorithm.estimator,
+            dict(algorithm.estimator_options),
+            f"alpha {cfg.reward.folr_alpha:g}" if algorithm.pays_folr else "off",
+            algorithm.policy_loss,
+            algorithm.group_filter,
+        )
+        for note in algorithm.overrides:
+            logger.warning("algorithm %s overridden by the config: %s", algorithm.name, note)
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
         self.resources: RunResources = build_resources(cfg, self.run_dir, checkpoint=checkpoint)
         res = self.resources
@@ -141,7 +155,7 @@ class Trainer:
     def update_settings(self) -> UpdateSettings:
         alg, tr = self.config.algorithm, self.config.trainer
         return UpdateSettings(
-            policy_loss=alg.resolved_policy_loss,
+            policy_loss=self.algorithm.policy_loss,
             eps_low=alg.eps_low,
             eps_high=alg.eps_high,
             dual_clip=alg.dual_clip,
@@ -158,11 +172,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ rollouts
     def _score(self, trajectories: Sequence[Trajectory]) -> list[TrajectoryScore]:
-        rc, alg = self.config.reward, self.config.algorithm
+        rc = self.config.reward
         return score_trajectories(
             trajectories,
             metric=rc.metric,
-            folr_alpha=rc.folr_alpha if alg.uses_folr else 0.0,
+            folr_alpha=self.algorithm.folr_alpha(rc.folr_alpha),
             hit_mode=rc.hit_mode,
             length_penalty=rc.length_penalty,
             protocol=self.config.rollout.protocol,
@@ -172,7 +186,7 @@ class Trainer:
         """Roll out groups until ``prompts_per_step`` groups pass the filter (bounded extra rounds)."""
         cfg = self.config
         want = cfg.trainer.prompts_per_step
-        kind = cfg.algorithm.resolved_filter
+        kind = self.algorithm.group_filter
         kept_trajs: list[Trajectory] = []
         kept_scores: list[TrajectoryScore] = []
         all_trajs: list[Trajectory] = []
@@ -262,19 +276,10 @@ class Trainer:
         if collected.trajectories:
             start = time.perf_counter()
             batch = collate_trajectories(collected.trajectories, self.resources.pad_token_id)
-            outcome, turn_rewards = reward_tensors(collected.scores, batch.turn_mask.shape[1])
-            inputs = AdvantageInputs(
-                outcome=outcome,
-                turn_rewards=turn_rewards,
-                turn_mask=batch.turn_mask,
-                token_turn_index=batch.token_turn_index,
-                loss_mask=batch.loss_mask,
-                group_index=torch.tensor([t.group_id for t in collected.trajectories]),
+            inputs = advantage_inputs(collected.scores, batch, [t.group_id for t in collected.trajectories])
+            advantages = compute_advantages(
+                self.algorithm.estimator, inputs, **self.algorithm.estimator_options
             )
-            options: dict[str, Any] = {}
-            if cfg.algorithm.name == "tspo":
-                options = {"mode": cfg.algorithm.tspo_mode, "gamma": cfg.algorithm.gamma}
-            advantages = compute_advantages(_ESTIMATOR[cfg.algorithm.name], inputs, **options)
             settings = self.update_settings
             # One on-policy pass: the old log-probs are the update's own (no second forward pass).
             old_logprobs = (
@@ -319,6 +324,7 @@ class Trainer:
             metrics["advantage/abs_mean"] = float(
                 advantages.token_advantages.abs().sum() / batch.loss_mask.sum().clamp(min=1)
             )
+            metrics.update(stage_diagnostics(inputs, advantages))
         metrics.update(group_diagnostics(collected.all_scores, collected.all_group_ids))
         metrics["groups/zero_advantage"] = zero_advantage_fraction(
             advantages.token_advantages if advantages is not None else None,
