@@ -422,6 +422,18 @@ def test_whole_word_hit_on_passage_title_and_text_still_counts():
     assert _scored_first_hit([(format_observation(_THREE_DOCS), True)], ["coast"]) == 0
 
 
+@pytest.mark.parametrize("mode", ["whole_word", "substring"])
+def test_an_alias_never_straddles_two_passages(mode):
+    straddling = [Doc("1", "Moves", "He moved to New"), Doc("2", "Cities", "York is a city")]
+    assert _scored_first_hit([(format_observation(straddling), True)], ["New York"], mode) is None
+    inside = [*straddling, Doc("3", "NYC", "New York is large")]
+    assert _scored_first_hit([(format_observation(inside), True)], ["New York"], mode) == 0
+    # A title and its own text are one passage.
+    assert _scored_first_hit([(format_observation([Doc("4", "New", "York")]), True)], ["New York"], mode) == 0
+    assert first_hit_turn([["He moved to New", "York is a city"]], ["New York"], mode) is None
+    assert first_hit_turn([[], ["x"], ["New York"]], ["New York"], mode) == 2
+
+
 def test_substring_mode_reads_only_inside_information_blocks():
     assert _scored_first_hit([(format_observation(_THREE_DOCS), True)], ["information"], "substring") is None
 

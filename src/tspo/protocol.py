@@ -283,6 +283,26 @@ def retrieved_text(observation: str, config: ProtocolConfig = DEFAULT_PROTOCOL) 
     return "\n".join(_DOC_HEADER.sub(lambda m: f"{m.group(1)}\n", block) for block in blocks)
 
 
+def retrieved_passages(observation: str, config: ProtocolConfig = DEFAULT_PROTOCOL) -> list[str]:
+    """Each retrieved passage of an observation as ``title\ntext``, in order, scaffolding removed.
+
+    FOLR matches a gold alias inside one passage at a time, so an alias can never straddle two passages
+    ("...moved to New" + "York is a city..."), as in Search-R1's ``is_retrieval_correct``. Text in a block
+    before its first ``Doc N(Title: ...)`` header (a block not in the document format) is one passage.
+    """
+    tag = re.escape(config.information_tag)
+    passages: list[str] = []
+    for block in re.findall(rf"<{tag}>(.*?)(?:</{tag}>|$)", observation, flags=re.DOTALL):
+        pieces = _DOC_HEADER.split(block)  # [lead, title 1, text 1, title 2, text 2, ...]
+        if pieces[0].strip():
+            passages.append(pieces[0])
+        passages += [
+            f"{title}\n{text.removesuffix(chr(10))}"  # the newline format_documents puts between docs
+            for title, text in zip(pieces[1::2], pieces[2::2], strict=True)
+        ]
+    return passages
+
+
 def invalid_observation(config: ProtocolConfig = DEFAULT_PROTOCOL) -> str:
     """The corrective observation appended after an invalid action."""
     return config.invalid_action_message

@@ -56,7 +56,7 @@ def score_trajectories(
     for traj in trajectories:
         answer = traj.final_answer(protocol)
         outcome = outcome_score(answer, traj.golds, metric) if traj.error is None else 0.0
-        hit = first_hit_turn(traj.retrieved_texts(protocol), traj.golds, hit_mode)
+        hit = first_hit_turn(traj.retrieved_passages(protocol), traj.golds, hit_mode)
         base.append((answer, outcome, hit))
 
     shaping = [0.0] * len(trajectories)

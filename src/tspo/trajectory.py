@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from tspo.doc import Doc
-from tspo.protocol import DEFAULT_PROTOCOL, ProtocolConfig, extract_answer, retrieved_text
+from tspo.protocol import (
+    DEFAULT_PROTOCOL,
+    ProtocolConfig,
+    extract_answer,
+    retrieved_passages,
+    retrieved_text,
+)
 
 
 class TurnAction(str, Enum):
@@ -167,8 +173,12 @@ class Trajectory:
         return [turn.observation_text for turn in self.turns]
 
     def retrieved_texts(self, protocol: ProtocolConfig = DEFAULT_PROTOCOL) -> list[str]:
-        """Retrieved passage text of each turn, scaffolding removed; what FOLR inspects."""
+        """Retrieved passage text of each turn, scaffolding removed (passages joined by newlines)."""
         return [retrieved_text(turn.observation_text, protocol) for turn in self.turns]
+
+    def retrieved_passages(self, protocol: ProtocolConfig = DEFAULT_PROTOCOL) -> list[list[str]]:
+        """Each turn's retrieved passages (``title\ntext``, as shown to the model); what FOLR matches."""
+        return [retrieved_passages(turn.observation_text, protocol) for turn in self.turns]
 
     def final_answer(self, protocol: ProtocolConfig = DEFAULT_PROTOCOL) -> str | None:
         """The last ``<answer>`` in the generated text only (DESIGN section 3)."""

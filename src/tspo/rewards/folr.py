@@ -1,6 +1,6 @@
 """First-Occurrence Latent Reward (FOLR; TSPO, Ma et al. 2026, arXiv 2601.22776).
 
-``hit(o_k)``: some gold alias occurs in the observation text of turn k. ``k*`` is the first turn with a
+``hit(o_k)``: some gold alias occurs inside one retrieved passage of turn k's observation. ``k*`` is the first turn with a
 hit. Turn rewards are ``r_k = alpha * [k == k*] + o * [k == K]`` and the trajectory total is
 ``R = o + alpha * [a hit exists]``: only the first hit pays, and ``0 < alpha < 1`` ranks a near miss
 below any success. Only observation text is inspected, never the model's own text or the question.
@@ -56,17 +56,22 @@ def answer_in_text(text: str, golds: str | Iterable[str], mode: HitMode | str = 
 
 
 def first_hit_turn(
-    observation_texts: Sequence[str], golds: str | Iterable[str], mode: HitMode | str = HitMode.WHOLE_WORD
+    observations: Sequence[str | Sequence[str]],
+    golds: str | Iterable[str],
+    mode: HitMode | str = HitMode.WHOLE_WORD,
 ) -> int | None:
-    """``k*``: the index of the first observation containing a gold alias, or ``None``.
+    """``k*``: the index of the first turn whose retrieved text holds a gold alias, or ``None``.
 
     Args:
-        observation_texts: one entry per turn, the text the environment appended after the turn's
-            generation (``""`` for a turn without an observation).
+        observations: one entry per turn: the turn's retrieved passages (a list; an alias must occur
+            inside one passage, never across two, as in Search-R1's ``is_retrieval_correct``), or one
+            string treated as a single passage (``""`` or ``[]`` for a turn without an observation).
     """
     golds = [golds] if isinstance(golds, str) else list(golds)
-    for turn, text in enumerate(observation_texts):
-        if text and answer_in_text(text, golds, mode):
+    for turn, passages in enumerate(observations):
+        if isinstance(passages, str):
+            passages = [passages]
+        if any(passage and answer_in_text(passage, golds, mode) for passage in passages):
             return turn
     return None
 

@@ -281,7 +281,7 @@ class SearchR1AgentLoop(AgentLoopBase):
         with_logprobs: bool,
     ) -> SearchR1AgentLoopOutput:
         # FOLR reads retrieved passages only (never the tags, headers or the invalid-action message).
-        hit = first_hit_turn(trajectory.retrieved_texts(), golds, self.hit_mode)
+        hit = first_hit_turn(trajectory.retrieved_passages(), golds, self.hit_mode)
         # FOLR partial reward only (outcome 0 here): verl's reward path supplies o afterwards.
         terms = turn_rewards(trajectory.num_turns, hit, 0.0, self.folr_alpha)
         extra_fields: dict[str, Any] = {
