@@ -1,11 +1,12 @@
-"""``tspo algo-demo``: the per-turn rewards and advantages of each estimator on hand-built groups, so a
-reader sees what TSPO does differently from GRPO and RLOO."""
+"""``tspo algo-demo``: the per-turn rewards and advantages of each algorithm on hand-built groups, so a
+reader sees what TSPO does differently from GRPO and RLOO. Each series is a row of the algorithm table
+(:mod:`tspo.algorithms.table`), run exactly as the trainer runs it (its estimator, options and FOLR)."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tspo.algorithms import AdvantageInputs
@@ -33,8 +34,8 @@ DEMO_GROUPS = (
         (
             DemoTrajectory(num_turns=3, first_hit=1, outcome=0.0),
             DemoTrajectory(num_turns=3, first_hit=None, outcome=0.0),
-            DemoTrajectory(num_turns=2, first_hit=None, outcome=0.0),
-            DemoTrajectory(num_turns=4, first_hit=None, outcome=0.0),
+            DemoTrajectory(num_turns=3, first_hit=None, outcome=0.0),
+            DemoTrajectory(num_turns=3, first_hit=None, outcome=0.0),
         ),
     ),
     DemoGroup(
@@ -57,31 +58,32 @@ DEMO_GROUPS = (
     ),
 )
 
-# (label, estimator, options, rewards with FOLR?). GRPO and RLOO run as the trainer runs them for those
-# algorithms: FOLR alpha = 0, so R = o.
-SERIES: tuple[tuple[str, str, dict[str, Any], bool], ...] = (
-    ("grpo (R = o)", "grpo", {}, False),
-    ("rloo (R = o)", "rloo", {}, False),
-    ("tspo traj", "tspo", {"mode": "traj"}, True),
-    ("tspo turn", "tspo", {"mode": "turn"}, True),
-    ("tspo adaptive", "tspo", {"mode": "adaptive"}, True),
+# (label, algorithm-table name). The baselines run as the trainer runs them: no FOLR, so R = o.
+SERIES: tuple[tuple[str, str], ...] = (
+    ("grpo (R = o)", "grpo"),
+    ("rloo (R = o)", "rloo"),
+    ("tspo traj", "tspo_traj"),
+    ("tspo legacy", "tspo_legacy"),
+    ("tspo turn", "tspo_turn"),
+    ("tspo adaptive", "tspo"),
 )
 
 _GENERATED_PER_TURN = 4
 _OBSERVED_PER_TURN = 3
 
 NOTES = """\
-What to look at:
+What to look at (tspo = TSPO v2, our reconstruction of the paper's stage-aware advantage; legacy = v1):
 - All wrong: GRPO and RLOO see four equal outcomes, so every advantage is 0 and the near miss's good
   search is thrown away. FOLR pays the near miss alpha on the turn whose retrieved text held the answer;
-  the group is outcome-homogeneous, so adaptive TSPO gives turn-level advantages: the near miss's turns up
-  to the hit (the search stage) are credited, the turns after it (the answer stage, which had the answer
-  in view and still missed) are not, and every turn of a complete failure is blamed.
+  the group is outcome-homogeneous, so adaptive TSPO gives stage advantages: the near miss's turns up to
+  the hit (the retrieval stage) are credited, its answer turn (which had the answer in view and still
+  missed) gives that credit back, and a complete failure is blamed for its searches while its answer
+  turn gets exactly 0. Legacy blamed every failure's answer turn merely because another rollout had a hit.
 - Mixed: outcomes differ, so adaptive TSPO uses trajectory-level advantages on R (GRPO + FOLR); the
   ranking is complete success > success without retrieval > near miss > complete failure.
-- All right: GRPO and RLOO again see no difference. TSPO prefers answers backed by retrieval over lucky
-  guesses; with turn-level advantages the credit sits on the turns up to the hit, while every answer
-  turn (G = o, the same for all) sits below the group's mean R and gets the same negative advantage."""
+- All right: GRPO and RLOO again see no difference. TSPO credits the searches that found the answer
+  and never pushes a correct answer down (answer-stage advantage 0). Legacy pushed every answer turn
+  down (G = o lacks alpha while mean R holds it): that is why v1 was replaced."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -91,11 +93,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Print, for three hand-built groups (all wrong with a near miss, mixed, all right), each "
             "trajectory's per-turn FOLR rewards and the per-turn advantages under grpo, rloo and tspo "
-            "(traj, turn, adaptive)."
+            "(traj, legacy v1, turn, adaptive)."
         ),
     )
     parser.add_argument("--alpha", type=float, default=0.3, help="FOLR reward alpha in [0, 1) (default 0.3)")
-    parser.add_argument("--gamma", type=float, default=1.0, help="TSPO turn discount in (0, 1] (default 1.0)")
+    parser.add_argument(
+        "--gamma", type=float, default=1.0, help="TSPO legacy turn discount in (0, 1] (default 1.0)"
+    )
+    parser.add_argument(
+        "--reclaim", type=float, default=1.0, help="TSPO beta: credit a wrong answer gives back (default 1)"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -106,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--alpha must be in [0, 1) so a near miss ranks below a success, got {args.alpha}")
     if not 0.0 < args.gamma <= 1.0:
         raise CLIError(f"--gamma must be in (0, 1], got {args.gamma}")
-    print(demo_report(DEMO_GROUPS, alpha=args.alpha, gamma=args.gamma))
+    if not args.reclaim >= 0.0:
+        raise CLIError(f"--reclaim must be >= 0, got {args.reclaim}")
+    print(demo_report(DEMO_GROUPS, alpha=args.alpha, gamma=args.gamma, reclaim=args.reclaim))
     return 0
 
 
@@ -135,6 +144,10 @@ def demo_inputs(groups: tuple[DemoGroup, ...], alpha: float) -> AdvantageInputs:
             token_turn_index[row, start : start + _GENERATED_PER_TURN + observed] = turn
             loss_mask[row, start : start + _GENERATED_PER_TURN] = 1.0
     return AdvantageInputs(
+        first_hit_turn=torch.tensor([-1 if t.first_hit is None else t.first_hit for t in trajectories]),
+        folr=torch.tensor(
+            [alpha if t.first_hit is not None else 0.0 for t in trajectories], dtype=torch.float64
+        ),
         outcome=torch.tensor([traj.outcome for traj in trajectories], dtype=torch.float64),
         turn_rewards=rewards,
         turn_mask=torch.arange(max_turns)[None, :]
@@ -145,21 +158,27 @@ def demo_inputs(groups: tuple[DemoGroup, ...], alpha: float) -> AdvantageInputs:
     )
 
 
-def demo_report(groups: tuple[DemoGroup, ...], alpha: float = 0.3, gamma: float = 1.0) -> str:
+def demo_report(
+    groups: tuple[DemoGroup, ...], alpha: float = 0.3, gamma: float = 1.0, reclaim: float = 1.0
+) -> str:
     """The demo's text: one aligned table per group, then notes."""
-    from tspo.algorithms import compute_advantages
+    from tspo.algorithms import compute_advantages, resolve_algorithm
     from tspo.rewards import trajectory_category
 
     with_folr = demo_inputs(groups, alpha)
     outcome_only = demo_inputs(groups, 0.0)
     series = []
     adaptive_turn_level = None
-    for label, name, options, folr in SERIES:
-        if name == "tspo":
-            options = {**options, "gamma": gamma}
-        output = compute_advantages(name, with_folr if folr else outcome_only, **options)
+    for label, name in SERIES:
+        algorithm = resolve_algorithm(name)
+        options = dict(algorithm.estimator_options)
+        if algorithm.estimator == "tspo":
+            options.update({"gamma": gamma} if options["mode"] == "legacy" else {"reclaim": reclaim})
+        output = compute_advantages(
+            algorithm.estimator, with_folr if algorithm.pays_folr else outcome_only, **options
+        )
         series.append((label, output.turn_advantages))
-        if options.get("mode") == "adaptive":
+        if name == "tspo":
             adaptive_turn_level = output.turn_level
     assert adaptive_turn_level is not None
 
@@ -170,14 +189,14 @@ def demo_report(groups: tuple[DemoGroup, ...], alpha: float = 0.3, gamma: float 
     )
     rule = "-" * len(header)
     lines = [
-        "Per-turn rewards r_k and advantages A_k of each estimator "
-        f"(FOLR alpha = {alpha:g}, TSPO gamma = {gamma:g}, eps = 1e-6).",
+        "Per-turn rewards r_k and advantages A_k of each algorithm "
+        f"(FOLR alpha = {alpha:g}, TSPO reclaim = {reclaim:g}, legacy gamma = {gamma:g}, eps = 1e-6).",
         "R = sum of r_k = o + alpha if the answer appeared in a retrieved observation (FOLR).",
     ]
     row = 0
     for number, group in enumerate(groups, start=1):
-        mode = "turn-level" if bool(adaptive_turn_level[row]) else "trajectory-level"
-        reason = "all outcomes equal" if mode == "turn-level" else "outcomes differ"
+        mode = "stage" if bool(adaptive_turn_level[row]) else "trajectory-level"
+        reason = "all outcomes equal" if mode == "stage" else "outcomes differ"
         lines += ["", f"Group {number}: {group.title}", f"adaptive TSPO uses {mode} advantages ({reason})"]
         lines += [rule, header, rule]
         for member, traj in enumerate(group.trajectories, start=1):
