@@ -1,10 +1,15 @@
-"""Resumable, seeded prompt order: a resumed run draws exactly the batches the killed run would have."""
+"""What a run puts in front of the model: a resumable, seeded prompt order (a resumed run draws exactly
+the batches the killed run would have) and the few-shot worked examples of ``rollout.protocol.examples``."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
+
+from tspo.protocol import ProtocolConfig, WorkedExample, format_observation, retrieved_text
+from tspo.rewards.folr import answer_in_text
+from tspo.rollout.config import RolloutConfig
 
 T = TypeVar("T")
 
@@ -50,3 +55,77 @@ class PromptSampler(Generic[T]):
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self._order = self._permutation(self.epoch)
+
+
+def choose_worked_examples(
+    examples: Sequence[Any],
+    retriever: Any,
+    tokenizer: Any,
+    rollout: RolloutConfig,
+    count: int,
+    seed: int,
+) -> list[WorkedExample]:
+    """``count`` few-shot examples from ``examples`` (pass the training split, never the held-out one).
+
+    Each follows a question's intended search chain (``metadata["chain"]``, written by the synthetic
+    world) with what the configured retriever returns for every query, and answers the first gold alias.
+    A question qualifies only if every hop's passages hold what that hop should find (the next bridge
+    entity, then the answer) and no observation would be cut at ``rollout.max_observation_tokens``: an
+    example must show a search that works. Candidates are drawn in a seeded order, cycling through the
+    hop counts present (fewest first), so that two examples show a one-hop and a two-hop question.
+
+    Raises:
+        ValueError: fewer than ``count`` questions qualify (e.g. files without ``metadata.chain``).
+    """
+    if count <= 0:
+        return []
+    protocol = rollout.protocol
+    order = [ex for ex in examples if ex.metadata.get("chain") and ex.golds]
+    random.Random(seed).shuffle(order)
+    by_hops: dict[int, list[Any]] = {}
+    for ex in order:
+        by_hops.setdefault(len(ex.metadata["chain"]), []).append(ex)
+    chosen: list[WorkedExample] = []
+    while len(chosen) < count and any(by_hops.values()):
+        for hops in sorted(by_hops):
+            if len(chosen) == count or not by_hops[hops]:
+                continue
+            # Take the next qualifying question of this hop count (skipping the ones that do not).
+            while by_hops[hops]:
+                worked = _worked_example(by_hops[hops].pop(0), retriever, tokenizer, rollout, protocol)
+                if worked is not None:
+                    chosen.append(worked)
+                    break
+    if len(chosen) < count:
+        raise ValueError(
+            f"rollout.protocol.examples={count}, but only {len(chosen)} training question(s) have an "
+            "intended search chain (metadata.chain) whose searches retrieve the answer; lower "
+            "rollout.protocol.examples or use data.source=world"
+        )
+    return chosen
+
+
+def _worked_example(
+    example: Any, retriever: Any, tokenizer: Any, rollout: RolloutConfig, protocol: ProtocolConfig
+) -> WorkedExample | None:
+    chain = [str(query) for query in example.metadata["chain"]]
+    targets = [[str(b)] for b in example.metadata.get("bridge_entities", [])][: len(chain) - 1]
+    targets.append([str(g) for g in example.golds])
+    if len(targets) != len(chain):
+        return None
+    results = retriever.search(chain, rollout.topk)
+    searches = []
+    for query, docs, wanted in zip(chain, results, targets, strict=True):
+        docs = tuple(docs)
+        observation = format_observation(docs, protocol)
+        if not answer_in_text(retrieved_text(observation, protocol), wanted):
+            return None
+        if (
+            len(tokenizer(observation, add_special_tokens=False)["input_ids"])
+            > rollout.max_observation_tokens
+        ):
+            return None
+        searches.append((query, docs))
+    return WorkedExample(
+        question=str(example.question), searches=tuple(searches), answer=str(example.golds[0])
+    )
