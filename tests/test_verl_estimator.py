@@ -135,6 +135,8 @@ def reference_inputs(rollouts: list[Rollout], width: int, length_penalty: float 
         token_turn_index=turn_index,
         loss_mask=loss_mask,
         group_index=torch.tensor([uids.index(r.uid) for r in rollouts]),
+        first_hit_turn=torch.tensor([-1 if r.hit is None else r.hit for r in rollouts]),
+        folr=torch.tensor([r.alpha if r.hit is not None else 0.0 for r in rollouts]),
     )
 
 
@@ -168,13 +170,25 @@ def test_registry_holds_our_function():
     assert core_algos.get_adv_estimator_fn("tspo") is compute_tspo_advantage
 
 
-@pytest.mark.parametrize("mode", ["adaptive", "turn", "traj"])
-def test_verl_dispatch_equals_tspo_algorithms(mode):
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [
+        ("adaptive", {}),
+        ("adaptive", {"reclaim": 0.0}),
+        ("adaptive", {"reclaim": 1.0}),
+        ("turn", {}),
+        ("turn", {"reclaim": 0.0}),
+        ("traj", {}),
+        ("legacy", {}),
+        ("legacy", {"gamma": 0.8}),
+    ],
+)
+def test_verl_dispatch_equals_tspo_algorithms(mode, extra):
     rollouts = random_rollouts(seed=11)
     data = verl_batch(rollouts)
     width = data.batch["response_mask"].shape[1]
-    result = compute_advantage(data, adv_estimator="tspo", config=algorithm_config(mode=mode))
-    expected = compute_advantages("tspo", reference_inputs(rollouts, width), mode=mode)
+    result = compute_advantage(data, adv_estimator="tspo", config=algorithm_config(mode=mode, **extra))
+    expected = compute_advantages("tspo", reference_inputs(rollouts, width), mode=mode, **extra)
     if mode == "adaptive":  # the batch exercises both branches of the adaptive rule
         assert set(expected.turn_level.tolist()) == {True, False}
     torch.testing.assert_close(result.batch["advantages"], expected.token_advantages, rtol=0, atol=1e-6)
@@ -198,24 +212,41 @@ def test_v1_trainer_dispatch_equals_tspo_algorithms():
 
 
 def test_worked_example_through_verl():
-    """DESIGN's all-wrong group: near miss [1.5, 1.5, -0.5] on its turns, failures -0.5."""
+    """DESIGN's all-wrong group: near miss [1.5, 1.5, -1.5] on its turns; failures (one turn: the answer) 0."""
     rollouts = [Rollout("q", [2, 2, 2], [3, 3, 0], hit=1, outcome=0.0)] + [
         Rollout("q", [3], [0], hit=None, outcome=0.0) for _ in range(3)
     ]
     data = verl_batch(rollouts)
     advantages = compute_advantage(data, adv_estimator="tspo", config=algorithm_config()).batch["advantages"]
     near_miss = advantages[0][data.batch["response_mask"][0].bool()]
-    assert near_miss.tolist() == pytest.approx([1.5, 1.5, 1.5, 1.5, -0.5, -0.5], abs=1e-4)
+    assert near_miss.tolist() == pytest.approx([1.5, 1.5, 1.5, 1.5, -1.5, -1.5], abs=1e-4)
     for row in (1, 2, 3):
-        assert advantages[row][:3].tolist() == pytest.approx([-0.5] * 3, abs=1e-4)
+        assert advantages[row][:3].tolist() == [0.0] * 3
+    legacy = compute_advantage(data, adv_estimator="tspo", config=algorithm_config(mode="legacy"))
+    near_miss = legacy.batch["advantages"][0][data.batch["response_mask"][0].bool()]
+    assert near_miss.tolist() == pytest.approx([1.5, 1.5, 1.5, 1.5, -0.5, -0.5], abs=1e-4)
 
 
-def test_traj_mode_without_folr_equals_verls_own_grpo():
-    """Cross-check with verl's reference: R = o (alpha = 0) makes tspo traj mode GRPO."""
+def test_the_first_hit_comes_from_the_agent_loops_record():
+    """The estimator reads k* and F from the FOLR token the agent loop placed, for every row."""
+    from tspo.integrations.verl.estimator import build_advantage_inputs
+
+    rollouts = random_rollouts(seed=4)
+    data = verl_batch(rollouts)
+    inputs, _ = build_advantage_inputs(
+        data.batch["token_level_rewards"], data.batch["response_mask"], data.non_tensor_batch["uid"]
+    )
+    assert inputs.first_hit_turn.tolist() == [-1 if r.hit is None else r.hit for r in rollouts]
+    assert inputs.folr.tolist() == pytest.approx([0.3 if r.hit is not None else 0.0 for r in rollouts])
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "turn", "traj", "legacy"])
+def test_every_mode_without_folr_equals_verls_own_grpo(mode):
+    """Cross-check with verl's reference: R = o (alpha = 0) makes every tspo mode GRPO."""
     rollouts = random_rollouts(seed=3)
     for r in rollouts:
         r.alpha = 0.0
-    ours = compute_advantage(verl_batch(rollouts), adv_estimator="tspo", config=algorithm_config(mode="traj"))
+    ours = compute_advantage(verl_batch(rollouts), adv_estimator="tspo", config=algorithm_config(mode=mode))
     theirs = compute_advantage(verl_batch(rollouts), adv_estimator="grpo", config=algorithm_config())
     torch.testing.assert_close(ours.batch["advantages"], theirs.batch["advantages"], rtol=0, atol=1e-5)
 
@@ -239,4 +270,6 @@ def test_bad_configuration_is_refused_with_the_reason():
         tspo_options({"tspo": {"alpha": 0.3}})
     with pytest.raises(ValueError, match=r"algorithm\.tspo\.mode must be one of"):
         tspo_options({"tspo": {"mode": "stagewise"}})
+    with pytest.raises(ValueError, match=r"algorithm\.tspo\.gamma applies only to mode legacy"):
+        tspo_options({"tspo": {"mode": "turn", "gamma": 0.5}})
     assert tspo_options(None)["mode"] == "adaptive"

@@ -88,11 +88,47 @@ def test_overrides_reach_the_right_place_and_replace_in_place(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("algorithm", "verl_estimator", "alpha"),
+    [
+        ("tspo", "tspo", 0.3),
+        ("tspo_turn", "tspo", 0.3),
+        ("tspo_legacy", "tspo", 0.3),
+        ("grpo", "grpo", 0.0),
+        ("drgrpo", "grpo", 0.0),
+        ("rloo", "rloo", 0.0),
+        ("dspo", "grpo", 0.0),
+        ("reinforce_plus_plus", "reinforce_plus_plus", 0.0),  # outside the table: passed through
+    ],
+)
+def test_no_baseline_is_paid_folr_on_verl(tmp_path, algorithm, verl_estimator, alpha):
+    plan = plan_launch(PRESET, [f"adv_estimator={algorithm}", f"output_dir={tmp_path}"])
+    values = overrides_by_key(plan)
+    assert values["algorithm.adv_estimator"] == verl_estimator
+    assert plan.agent_loop[0]["folr_alpha"] == alpha
+    assert values["actor_rollout_ref.actor.clip_ratio_c"] == "3.0"  # the table's dual-clip default
+    assert any(key.startswith("algorithm.tspo") for key in values) == (verl_estimator == "tspo")
+    if algorithm == "drgrpo":
+        assert values["algorithm.norm_adv_by_std_in_grpo"] == "false"
+    if algorithm == "dspo":
+        assert values["actor_rollout_ref.actor.policy_loss.loss_mode"] == "gspo"
+        assert any("no dynamic group filter" in note for note in plan.notes)
+    if algorithm.startswith("tspo"):
+        assert values["algorithm.tspo.mode"] == {"tspo": "adaptive"}.get(algorithm, algorithm[5:])
+    # An explicit request for FOLR on a baseline is honoured and reported.
+    paid = plan_launch(PRESET, [f"adv_estimator={algorithm}", "pay_folr=on", f"output_dir={tmp_path}"])
+    assert paid.agent_loop[0]["folr_alpha"] == 0.3
+    assert ("FOLR paid" in paid.notes) == (alpha == 0.0)
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["foo=1"], "unknown key 'foo'"),
         (["topk=many"], "tspo.topk must be of type int"),
-        (["mode=stagewise"], "tspo.mode must be one of adaptive, turn, traj"),
+        (["mode=stagewise"], "tspo.mode must be one of default, adaptive, turn, traj, legacy"),
+        (["adv_estimator=grpo", "mode=turn"], "tspo.mode=turn applies only to the tspo algorithms, not grpo"),
+        (["gamma=0.9"], "tspo.gamma applies only to mode legacy, not adaptive"),
+        (["reclaim=-1"], r"tspo.reclaim must be >= 0"),
         (["folr_alpha=1.0"], r"folr_alpha must be in \[0, 1\)"),
         (["nnodes"], "must look like KEY=VALUE"),
     ],
@@ -173,8 +209,15 @@ def test_retriever_must_be_healthy_before_a_run(tmp_path):
 @pytest.mark.skipif(not HAS_VERL, reason="needs verl")
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["nnodes=4", "mode=traj"], ["adv_estimator=grpo", "folr_alpha=0", "n_gpus_per_node=4"]],
-    ids=["preset", "multi-node", "grpo-baseline"],
+    [
+        [],
+        ["nnodes=4", "mode=traj"],
+        ["adv_estimator=grpo", "n_gpus_per_node=4"],
+        ["adv_estimator=drgrpo"],
+        ["adv_estimator=dspo"],
+        ["adv_estimator=tspo_legacy", "gamma=0.9"],
+    ],
+    ids=["preset", "multi-node", "grpo-baseline", "drgrpo", "dspo", "legacy"],
 )
 @pytest.mark.parametrize("preset", [PRESET, "smoke_1gpu"])
 def test_overrides_compose_with_verls_own_config_and_pass_its_validation(tmp_path, preset, overrides):
@@ -190,15 +233,12 @@ def test_overrides_compose_with_verls_own_config_and_pass_its_validation(tmp_pat
     validate_config(
         config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
     )
-    assert config.algorithm.adv_estimator == plan.options.adv_estimator
     assert config.trainer.nnodes == plan.options.nnodes
     assert config.actor_rollout_ref.rollout.agent.default_agent_loop == "tspo_search_r1"
     assert config.reward.custom_reward_function.reward_kwargs.metric == plan.options.metric
     assert not need_critic(config)  # no value model: the estimator's returns are the advantages
     assert config.actor_rollout_ref.rollout.skip_tokenizer_init is False
-    if plan.options.adv_estimator == "tspo":
-        assert dict(config.algorithm.tspo) == {
-            "mode": plan.options.mode,
-            "gamma": plan.options.gamma,
-            "length_penalty": plan.options.length_penalty,
-        }
+    assert config.algorithm.adv_estimator == plan.options.algorithm.verl_estimator
+    assert config.actor_rollout_ref.actor.clip_ratio_c == 3.0
+    if plan.options.algorithm.verl_estimator == "tspo":
+        assert dict(config.algorithm.tspo) == dict(plan.options.algorithm.tspo_options)

@@ -58,6 +58,14 @@ def run_launch_command(args: argparse.Namespace) -> int:
     except LaunchError as err:
         raise CLIError(str(err)) from None
     print(render_script(plan), end="")
+    algorithm = plan.options.algorithm
+    print(
+        f"# algorithm {plan.options.adv_estimator}: verl adv_estimator={algorithm.verl_estimator}, "
+        f"FOLR alpha {algorithm.folr_alpha:g}",
+        file=sys.stderr,
+    )
+    for note in plan.notes:
+        print(f"# note: {note}", file=sys.stderr)
     for path in written:
         print(f"# wrote {path}", file=sys.stderr)
     if not args.run:

@@ -1,4 +1,4 @@
-"""The ``tspo`` advantage estimator, registered in verl's ``ADV_ESTIMATOR_REGISTRY``.
+"""The ``tspo`` advantage estimator (TSPO v2 stage advantages), registered in verl's ``ADV_ESTIMATOR_REGISTRY``.
 
 verl's ``compute_advantage`` (``verl/trainer/ppo/ray_trainer.py``) calls a registered estimator with
 ``token_level_rewards``, ``response_mask``, ``index`` (the group ``uid``) and ``config``
@@ -8,10 +8,11 @@ from those tensors (:mod:`tspo.integrations.verl.layout`) and hands them to
 
 Options come from ``algorithm.tspo`` in verl's config (add the keys with Hydra's ``++`` prefix)::
 
-    algorithm.adv_estimator=tspo ++algorithm.tspo.mode=adaptive ++algorithm.tspo.gamma=1.0
+    algorithm.adv_estimator=tspo ++algorithm.tspo.mode=adaptive ++algorithm.tspo.reclaim=1.0
 
-- ``mode``: ``adaptive`` (default), ``turn`` or ``traj`` (as in :mod:`tspo.algorithms`);
-- ``gamma``: turn-level discount (default 1.0); ``eps``: std epsilon (default 1e-6);
+- ``mode``: ``adaptive`` (default), ``turn``, ``traj`` or ``legacy`` (as in :mod:`tspo.algorithms`);
+- ``reclaim``: beta, the search credit a wrong answer gives back (default 1.0);
+- ``gamma``: the legacy mode's turn discount (default 1.0); ``eps``: std epsilon (default 1e-6);
 - ``length_penalty``: weight of the Kimi k1.5 length shaping added to the last turn (default 0: off).
 """
 
@@ -24,13 +25,21 @@ import numpy as np
 import torch
 from verl.trainer.ppo.core_algos import register_adv_est
 
-from tspo.algorithms import DEFAULT_EPS, TSPO_MODES, AdvantageInputs, compute_advantages
-from tspo.integrations.verl.layout import TurnLayout, group_ids, read_outcome, read_turn_rewards, turn_layout
+from tspo.algorithms import DEFAULT_EPS, DEFAULT_RECLAIM, TSPO_MODES, AdvantageInputs, compute_advantages
+from tspo.integrations.verl.layout import (
+    TurnLayout,
+    group_ids,
+    read_first_hit,
+    read_outcome,
+    read_turn_rewards,
+    turn_layout,
+)
 from tspo.rewards import kimi_length_penalty
 
 ESTIMATOR_NAME = "tspo"
 _OPTION_DEFAULTS: dict[str, Any] = {
     "mode": "adaptive",
+    "reclaim": DEFAULT_RECLAIM,
     "gamma": 1.0,
     "eps": DEFAULT_EPS,
     "length_penalty": 0.0,
@@ -56,6 +65,8 @@ def tspo_options(config: Any) -> dict[str, Any]:
     options = {**_OPTION_DEFAULTS, **given}
     if options["mode"] not in TSPO_MODES:
         raise ValueError(f"algorithm.tspo.mode must be one of {TSPO_MODES}, got {options['mode']!r}")
+    if float(options["gamma"]) != 1.0 and options["mode"] != "legacy":
+        raise ValueError(f"algorithm.tspo.gamma applies only to mode legacy, not {options['mode']}")
     return options
 
 
@@ -103,6 +114,7 @@ def build_advantage_inputs(
     layout = turn_layout(response_mask)
     turn_rewards = read_turn_rewards(rewards, layout)
     outcome = read_outcome(rewards, layout)
+    first_hit, folr = read_first_hit(rewards, layout, response_mask)
     groups = group_ids(index, device=rewards.device)
     if groups.shape[0] != rewards.shape[0]:
         raise ValueError(f"index has {groups.shape[0]} entries but the batch has {rewards.shape[0]} rows")
@@ -120,6 +132,8 @@ def build_advantage_inputs(
         token_turn_index=layout.token_turn_index,
         loss_mask=response_mask.float(),
         group_index=groups,
+        first_hit_turn=first_hit,
+        folr=folr,
     )
     return inputs, layout
 
@@ -147,7 +161,8 @@ def compute_tspo_advantage(
     config: Any = None,
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TSPO advantages for verl (Ma et al. 2026, arXiv 2601.22776; formula in :mod:`tspo.algorithms`).
+    """TSPO advantages for verl (our v2 reconstruction of Ma et al. 2026, arXiv 2601.22776; the formula
+    lives in :func:`tspo.algorithms.tspo_advantages` and only there).
 
     Args:
         token_level_rewards: (B, L) float, the FOLR partial reward on the first-hit turn's end token and
@@ -166,12 +181,11 @@ def compute_tspo_advantage(
         inputs, _ = build_advantage_inputs(
             token_level_rewards, response_mask, index, length_penalty=float(options["length_penalty"])
         )
-        output = compute_advantages(
-            ESTIMATOR_NAME,
-            inputs,
-            mode=options["mode"],
-            gamma=float(options["gamma"]),
-            eps=float(options["eps"]),
-        )
+        estimator_options: dict[str, Any] = {"mode": options["mode"], "eps": float(options["eps"])}
+        if options["mode"] == "legacy":
+            estimator_options["gamma"] = float(options["gamma"])
+        else:
+            estimator_options["reclaim"] = float(options["reclaim"])
+        output = compute_advantages(ESTIMATOR_NAME, inputs, **estimator_options)
         advantages = output.token_advantages.to(token_level_rewards.dtype)
     return advantages, advantages

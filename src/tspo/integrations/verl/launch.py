@@ -27,6 +27,9 @@ from typing import Any
 
 import yaml
 
+from tspo.algorithms.advantages import DEFAULT_RECLAIM
+from tspo.algorithms.table import ALGORITHMS, DEFAULT_DUAL_CLIP, resolve_algorithm
+
 PLUGIN_MODULE = "tspo.integrations.verl"
 AGENT_LOOP_NAME = "tspo_search_r1"
 AGENT_LOOP_TARGET = "tspo.integrations.verl.agent_loop.SearchR1AgentLoop"
@@ -55,10 +58,21 @@ class VerlLaunchOptions:
     val_file: str = field(default="test.parquet", metadata=_help("validation parquet, relative to data_dir"))
     retriever_url: str = field(default="http://127.0.0.1:8000", metadata=_help("`tspo serve` base URL"))
     adv_estimator: str = field(
-        default="tspo", metadata=_help("verl advantage estimator (tspo, grpo, rloo, ...)")
+        default="tspo",
+        metadata=_help(
+            "algorithm from tspo's table (tspo, tspo_turn, tspo_traj, tspo_legacy, grpo, drgrpo, rloo, "
+            "dspo), or any other registered verl estimator (trained without FOLR)"
+        ),
     )
-    mode: str = field(default="adaptive", metadata=_help("tspo mode: adaptive | turn | traj"))
-    gamma: float = field(default=1.0, metadata=_help("tspo turn-level discount"))
+    mode: str = field(
+        default="default",
+        metadata=_help("tspo mode: default (the algorithm's) | adaptive | turn | traj | legacy"),
+    )
+    reclaim: float = field(default=1.0, metadata=_help("tspo beta: search credit a wrong answer gives back"))
+    gamma: float = field(default=1.0, metadata=_help("tspo legacy mode's turn discount"))
+    pay_folr: str = field(
+        default="default", metadata=_help("pay FOLR: default (only the tspo algorithms) | on | off")
+    )
     length_penalty: float = field(default=0.0, metadata=_help("Kimi length-shaping weight (0: off)"))
     folr_alpha: float = field(default=0.3, metadata=_help("FOLR partial reward of the first-hit turn"))
     hit_mode: str = field(default="whole_word", metadata=_help("FOLR hit test: whole_word | substring"))
@@ -74,7 +88,8 @@ class VerlLaunchOptions:
 
     def __post_init__(self) -> None:
         choices = {
-            "mode": ("adaptive", "turn", "traj"),
+            "mode": ("default", "adaptive", "turn", "traj", "legacy"),
+            "pay_folr": ("default", "on", "off"),
             "hit_mode": ("whole_word", "substring"),
             "metric": ("em", "sub_em", "f1"),
         }
@@ -90,6 +105,14 @@ class VerlLaunchOptions:
             raise LaunchError(f"tspo.max_turns must be >= 0, got {self.max_turns}")
         if not 0.0 <= self.folr_alpha < 1.0:
             raise LaunchError(f"tspo.folr_alpha must be in [0, 1), got {self.folr_alpha}")
+        if not self.reclaim >= 0.0:
+            raise LaunchError(f"tspo.reclaim must be >= 0, got {self.reclaim}")
+        self.algorithm  # noqa: B018 - resolve now, so a bad combination fails before anything is written
+
+    @property
+    def algorithm(self) -> VerlAlgorithm:
+        """The algorithm-table row behind ``adv_estimator``, with this preset's overrides applied."""
+        return resolve_verl_algorithm(self)
 
     @property
     def train_path(self) -> Path:
@@ -119,6 +142,7 @@ class LaunchPlan:
     agent_loop: tuple[dict[str, Any], ...]
     env: Mapping[str, str]
     python: str
+    notes: tuple[str, ...] = ()
 
     @property
     def output_dir(self) -> Path:
@@ -173,6 +197,8 @@ def _typed_option(name: str, value: Any) -> Any:
     expected = {"str": str, "int": int, "float": float}[kind if isinstance(kind, str) else kind.__name__]
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is str and isinstance(value, bool):  # YAML reads on / off as booleans
+        return "on" if value else "off"
     if isinstance(value, bool) or not isinstance(value, expected):
         if expected is str and isinstance(value, (int, float)):
             return str(value)
@@ -229,22 +255,88 @@ def split_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]
     return tspo_options, verl_overrides
 
 
+@dataclass(frozen=True)
+class VerlAlgorithm:
+    """What a launch trains with on verl, from the algorithm table (:mod:`tspo.algorithms.table`).
+
+    Attributes:
+        verl_estimator: verl's ``algorithm.adv_estimator``.
+        folr_alpha: the FOLR alpha the agent loop pays (0 for every baseline).
+        tspo_options: ``algorithm.tspo`` options for the tspo estimator (empty for others).
+        verl_overrides: further Hydra overrides the row needs (e.g. dspo's sequence-level loss).
+        notes: settings that depart from the table row, to be reported.
+    """
+
+    verl_estimator: str
+    folr_alpha: float
+    tspo_options: Mapping[str, Any]
+    verl_overrides: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+def resolve_verl_algorithm(options: VerlLaunchOptions) -> VerlAlgorithm:
+    """Map ``options.adv_estimator`` through the algorithm table; a name outside it is passed to verl
+    as is, without FOLR (unless ``pay_folr=on``)."""
+    pay = None if options.pay_folr == "default" else options.pay_folr == "on"
+    name = options.adv_estimator
+    if name not in ALGORITHMS:
+        notes = (f"{name} is not in tspo's algorithm table: passed to verl as is",)
+        if options.mode != "default":
+            raise LaunchError(f"tspo.mode={options.mode} applies only to the tspo algorithms, not {name}")
+        return VerlAlgorithm(
+            name, options.folr_alpha if pay else 0.0, {}, (), notes + (("FOLR paid",) if pay else ())
+        )
+    spec = ALGORITHMS.get(name)
+    estimator_options: dict[str, Any] = {}
+    if spec.estimator == "tspo":
+        if options.mode != "default":
+            estimator_options["mode"] = options.mode
+        if options.reclaim != DEFAULT_RECLAIM:
+            estimator_options["reclaim"] = options.reclaim
+        if options.gamma != 1.0:
+            estimator_options["gamma"] = options.gamma
+    elif options.mode != "default":
+        raise LaunchError(f"tspo.mode={options.mode} applies only to the tspo algorithms, not {name}")
+    try:
+        resolved = resolve_algorithm(name, estimator_options=estimator_options, pay_folr=pay)
+    except ValueError as err:
+        raise LaunchError(str(err)) from None
+    tspo_options: dict[str, Any] = {}
+    if spec.verl_estimator == "tspo":
+        mode = resolved.estimator_options["mode"]
+        if options.gamma != 1.0 and mode != "legacy":
+            raise LaunchError(f"tspo.gamma applies only to mode legacy, not {mode}")
+        tspo_options = {"mode": mode, "length_penalty": options.length_penalty}
+        tspo_options.update({"gamma": options.gamma} if mode == "legacy" else {"reclaim": options.reclaim})
+    notes = resolved.overrides
+    if spec.group_filter != "none":
+        notes += (
+            f"verl's PPO trainer has no dynamic group filter: {name} runs without the {spec.group_filter} filter",
+        )
+    return VerlAlgorithm(
+        verl_estimator=spec.verl_estimator,
+        folr_alpha=resolved.folr_alpha(options.folr_alpha),
+        tspo_options=tspo_options,
+        verl_overrides=spec.verl_overrides,
+        notes=notes,
+    )
+
+
 def derived_overrides(options: VerlLaunchOptions, agent_loop_path: Path) -> list[str]:
     """The overrides that plug tspo into verl, from the ``tspo`` options."""
+    algorithm = options.algorithm
     overrides = [
         f"data.train_files={options.train_path}",
         f"data.val_files={options.val_path}",
         f"actor_rollout_ref.model.path={options.model_path}",
-        f"algorithm.adv_estimator={options.adv_estimator}",
+        f"algorithm.adv_estimator={algorithm.verl_estimator}",
         # the tspo estimator reads o from the last generated token: KL goes into the actor loss instead
         "algorithm.use_kl_in_reward=false",
+        # one dual-clip default on both paths (the local trainer's algorithm.dual_clip)
+        f"actor_rollout_ref.actor.clip_ratio_c={DEFAULT_DUAL_CLIP}",
+        *algorithm.verl_overrides,
     ]
-    if options.adv_estimator == "tspo":
-        overrides += [
-            f"++algorithm.tspo.mode={options.mode}",
-            f"++algorithm.tspo.gamma={options.gamma}",
-            f"++algorithm.tspo.length_penalty={options.length_penalty}",
-        ]
+    overrides += [f"++algorithm.tspo.{key}={value}" for key, value in algorithm.tspo_options.items()]
     overrides += [
         # the agent loop stops each turn at </search> / </answer>: stop strings need the server's tokenizer
         # (verl's vLLM server always loads it; SGLang skips it by default)
@@ -274,7 +366,7 @@ def agent_loop_config(options: VerlLaunchOptions) -> list[dict[str, Any]]:
             "retriever_url": options.retriever_url,
             "topk": options.topk,
             "max_turns": options.max_turns,
-            "folr_alpha": options.folr_alpha,
+            "folr_alpha": options.algorithm.folr_alpha,
             "hit_mode": options.hit_mode,
             "max_tokens_per_turn": options.max_tokens_per_turn,
             "max_observation_tokens": options.max_observation_tokens,
@@ -307,6 +399,7 @@ def plan_launch(preset: str, overrides: Sequence[str] = (), python: str = "pytho
         agent_loop=tuple(agent_loop_config(options)),
         env={"VERL_USE_EXTERNAL_MODULES": PLUGIN_MODULE},
         python=python,
+        notes=options.algorithm.notes,
     )
 
 

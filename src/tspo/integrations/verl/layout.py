@@ -13,7 +13,11 @@ placement convention that the tspo agent loop writes and the tspo estimator read
   observation (a hit always has one, so the partial reward always lands on a mask-0 token);
 - so ``r_k`` = sum of ``token_level_rewards`` over turn k's span, and ``o`` = the value on the last
   generated token, exactly and independently, for every trajectory (including one cut off right after
-  a search observation, whose last turn both hits and ends the response).
+  a search observation, whose last turn both hits and ends the response);
+- and the first-hit turn ``k*`` and the FOLR part ``F`` are the turn and value of the one reward on an
+  observation (mask-0) token: the agent loop writes them there (:func:`place_rewards`) and
+  :func:`read_first_hit` reads exactly that token, so TSPO's stages come from the agent loop's record,
+  never from the per-turn sums.
 
 In-reward KL (``algorithm.use_kl_in_reward``) would add ``-beta * KL`` to generated tokens and blur ``o``;
 the estimator refuses it (TSPO uses the KL term in the actor loss instead).
@@ -128,6 +132,36 @@ def read_outcome(token_level_rewards: torch.Tensor, layout: TurnLayout) -> torch
     has_token = layout.last_generated >= 0
     values = token_level_rewards.gather(1, layout.last_generated.clamp(min=0).unsqueeze(1)).squeeze(1)
     return torch.where(has_token, values, torch.zeros_like(values))
+
+
+def read_first_hit(
+    token_level_rewards: torch.Tensor, layout: TurnLayout, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The agent loop's first-hit record: ``k*`` (-1 for none) and the FOLR part ``F`` of each row.
+
+    Args:
+        token_level_rewards: (B, L) float.
+        response_mask: (B, L), 1 on generated tokens.
+
+    Returns:
+        (first_hit_turn (B,) long, folr (B,) float).
+
+    Raises:
+        ValueError: a row holds rewards on two observation tokens (the convention places one).
+    """
+    on_observation = (response_mask == 0) & (token_level_rewards != 0) & (layout.span_turn_index >= 0)
+    count = on_observation.sum(dim=1)
+    if bool((count > 1).any()):
+        row = int((count > 1).nonzero()[0])
+        raise ValueError(
+            f"row {row} holds rewards on {int(count[row])} observation tokens; the tspo agent loop places "
+            "one (the FOLR reward on the first-hit turn's end token)"
+        )
+    position = on_observation.long().argmax(dim=1, keepdim=True)
+    has_hit = count > 0
+    turn = layout.span_turn_index.gather(1, position).squeeze(1)
+    value = token_level_rewards.gather(1, position).squeeze(1)
+    return torch.where(has_hit, turn, -1), torch.where(has_hit, value, 0.0)
 
 
 def group_ids(
