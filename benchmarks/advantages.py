@@ -35,7 +35,7 @@ ESTIMATORS: list[tuple[str, str, dict[str, Any]]] = [
     ("rloo", "rloo", {}),
     ("tspo traj", "tspo", {"mode": "traj"}),
     ("tspo turn", "tspo", {"mode": "turn"}),
-    ("tspo turn gamma=0.9", "tspo", {"mode": "turn", "gamma": 0.9}),
+    ("tspo legacy gamma=0.9", "tspo", {"mode": "legacy", "gamma": 0.9}),
     ("tspo adaptive", "tspo", {"mode": "adaptive"}),
 ]
 TARGET_RATIO = 3.0
@@ -78,6 +78,8 @@ def synthetic_batch(
         token_turn_index=token_turn_index,
         loss_mask=generated.float(),
         group_index=group_index,
+        first_hit_turn=torch.where(hit, first_hit, -1),
+        folr=hit.float() * alpha,
     )
 
 
