@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,20 +66,54 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         # An optional backend the config asked for (wandb, peft, faiss...) is not installed.
         raise CLIError(str(err)) from None
-    before = summary.eval_before.get("em")
-    after = summary.eval_after.get("em")
     print()
-    print(f"run directory : {summary.run_dir}")
-    print(f"steps         : {summary.steps} ({config.algorithm.name}, {config.model.policy})")
-    if before is not None:
-        questions = int(summary.eval_after.get("n", 0))
-        print(f"held-out EM   : {before:.3f} before -> {after:.3f} after ({questions} questions)")
-    else:
-        print(f"held-out EM   : {after:.3f} after ({int(summary.eval_after.get('n', 0))} questions)")
-    print(f"checkpoint    : {summary.checkpoint}")
-    print(f"metrics       : {summary.run_dir / 'metrics.jsonl'}")
-    if summary.plots:
-        print(f"plots         : {', '.join(str(p) for p in summary.plots)}")
-    if summary.skipped_updates:
-        print(f"skipped updates (non-finite): {summary.skipped_updates}, rollbacks: {summary.rollbacks}")
+    print(format_summary(summary, config))
     return 0
+
+
+def _em_line(name: str, before: dict[str, float], after: dict[str, float]) -> str | None:
+    key = f"{name}/em"
+    if key not in after:
+        return None
+    if key in before:
+        change = after[key] - before[key]
+        return f"{before[key]:.3f} -> {after[key]:.3f} ({change:+.3f})"
+    return f"{after[key]:.3f} after"
+
+
+def format_summary(summary: Any, config: Any) -> str:
+    """The end-of-run summary: EM before -> after (greedy and sampled), what changed in the model's
+    behaviour, warnings, and where the checkpoint, metrics and plots are."""
+    from tspo.training.progress import format_duration
+
+    before, after = summary.eval_before, summary.eval_after
+    questions = int(after.get("greedy/n", after.get("n", 0)))
+    lines = [
+        f"trained {summary.steps} steps of {config.algorithm.name} on {config.model.policy} "
+        f"in {format_duration(summary.seconds)}",
+        f"held-out questions : {questions} (never trained on)",
+    ]
+    greedy = _em_line("greedy", before, after)
+    if greedy is not None:
+        lines.append(f"greedy EM          : {greedy}")
+    sampled = _em_line("sampled", before, after)
+    if sampled is not None:
+        lines.append(
+            f"sampled EM         : {sampled} (temperature {config.rollout.temperature:g}, fixed seed)"
+        )
+    if summary.behaviour:
+        lines.append("behaviour          : " + summary.behaviour[0])
+        lines.extend(f"                     {line}" for line in summary.behaviour[1:])
+    for warning in summary.warnings:
+        lines.append(f"warning            : {warning}")
+    if summary.skipped_updates:
+        lines.append(
+            f"skipped updates    : {summary.skipped_updates} (non-finite), rollbacks: {summary.rollbacks}"
+        )
+    lines.append(f"checkpoint         : {summary.checkpoint}")
+    lines.append(f"metrics            : {summary.run_dir / 'metrics.jsonl'}")
+    if summary.plots:
+        lines.append(
+            f"plots              : {Path(summary.plots[0]).parent}/ ({', '.join(Path(p).name for p in summary.plots)})"
+        )
+    return "\n".join(lines)

@@ -246,7 +246,22 @@ class TrainerConfig:
     max_bad_updates: int = field(
         default=3, metadata=_help("consecutive non-finite updates before rolling back to the last checkpoint")
     )
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    eval_sampled: bool = field(
+        default=True,
+        metadata=_help(
+            "held-out evaluation also samples at rollout.temperature (fixed seed) besides greedy decoding"
+        ),
+    )
+    no_signal_steps: int = field(
+        default=3,
+        metadata=_help(
+            "warn once after this many consecutive steps whose groups all have zero advantage (0: never)"
+        ),
+    )
+    progress: bool = field(
+        default=True,
+        metadata=_help("progress bars with ETA on a terminal, one log line per step otherwise"),
+    )
     plots: bool = field(default=True, metadata=_help("write PNG plots at the end"))
 
 

@@ -10,8 +10,11 @@ policy back to the last good checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import yaml
 from tspo.algorithms import compute_advantages, group_filter_mask
 from tspo.configuration import to_dict
 from tspo.data.qa import QAExample
-from tspo.evaluation.runner import EvalResult, evaluate_policy
+from tspo.evaluation.heldout import behaviour_change, heldout_metrics
 from tspo.evaluation.validation import validate, validation_sets
 from tspo.rollout import RolloutTask, run_rollouts
 from tspo.scoring import (
@@ -42,13 +45,17 @@ from tspo.training.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from tspo.training.config import TrainConfig
 from tspo.training.metrics import MetricsLogger
 from tspo.training.policy import batched_logprobs
-from tspo.training.prompts import PromptSampler
+from tspo.training.progress import NoSignalMonitor, Progress, step_line
+from tspo.training.prompts import PromptSampler, choose_worked_examples
 from tspo.training.schedules import linear_warmup
-from tspo.training.setup import RunResources, build_resources
+from tspo.training.setup import RunResources, build_resources, split_demonstrations, world_renamer
 from tspo.training.update import NonFiniteUpdate, UpdateSettings, policy_update
 from tspo.trajectory import Trajectory, collate_trajectories
 
 logger = logging.getLogger(__name__)
+
+#: The run's few-shot examples and one rendered prompt (``tspo eval --model RUN_DIR`` reuses them).
+FEW_SHOT_FILE = "few_shot_examples.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -67,6 +74,9 @@ class TrainSummary:
     plots: list[Path] = field(default_factory=list)
     skipped_updates: int = 0
     rollbacks: int = 0
+    seconds: float = 0.0
+    behaviour: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -117,8 +127,15 @@ class Trainer:
         for note in algorithm.overrides:
             logger.warning("algorithm %s overridden by the config: %s", algorithm.name, note)
         checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
-        self.resources: RunResources = build_resources(cfg, self.run_dir, checkpoint=checkpoint)
+        # The warm start runs here rather than inside build_resources: after the few-shot examples are
+        # attached (its demonstrations get the prompt RL will see) and with a progress bar and its loss
+        # logged. A resumed run's checkpoint already holds it.
+        build_config = dataclasses.replace(cfg, warmstart=dataclasses.replace(cfg.warmstart, steps=0))
+        self.resources: RunResources = build_resources(build_config, self.run_dir, checkpoint=checkpoint)
         res = self.resources
+        demo_pool, res.rl_examples = split_demonstrations(cfg, res.train_examples)
+        self._attach_examples()
+        warm_losses = self._warm_start(demo_pool) if checkpoint is None and cfg.warmstart.steps > 0 else []
         self.model = res.model
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -150,6 +167,87 @@ class Trainer:
             config=to_dict(cfg),
             resume_from_step=self.step if checkpoint is not None else None,
         )
+        for index, loss in enumerate(warm_losses, start=1):
+            self.logger.log(0, {"warmstart/step": index, "warmstart/loss": loss})
+
+    def _attach_examples(self) -> None:
+        """Choose ``rollout.protocol.examples`` worked examples from the training split and put them in
+        every prompt of the run (rollouts, evaluations, demonstrations); saved for ``tspo eval``."""
+        cfg, res = self.config, self.resources
+        count = cfg.rollout.protocol.examples
+        if count <= 0:
+            return
+        from tspo.protocol import build_prompt_text
+        from tspo.rollout.loop import build_prompt_ids
+
+        try:
+            shots = choose_worked_examples(
+                res.train_examples, res.retriever, res.tokenizer, cfg.rollout, count, cfg.trainer.seed
+            )
+        except ValueError as err:
+            from tspo.training.setup import ResourceError
+
+            raise ResourceError(str(err)) from None
+        cfg.rollout.protocol = cfg.rollout.protocol.with_worked_examples(shots)
+        sample = res.eval_examples[0].question if res.eval_examples else "?"
+        (self.run_dir / FEW_SHOT_FILE).write_text(
+            json.dumps(
+                {
+                    "examples": [dataclasses.asdict(shot) for shot in shots],
+                    "prompt_text_example": build_prompt_text(sample, cfg.rollout.protocol),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        length = len(build_prompt_ids(sample, res.tokenizer, cfg.rollout.protocol))
+        logger.info(
+            "few-shot prompt: %d worked example(s) from the training split (%s searches), %d prompt tokens; "
+            "see %s",
+            len(shots),
+            "/".join(str(len(shot.searches)) for shot in shots),
+            length,
+            self.run_dir / FEW_SHOT_FILE,
+        )
+
+    def _warm_start(self, pool: list[QAExample]) -> list[float]:
+        """The supervised warm start (``warmstart.*``) with a progress bar; returns the loss per step."""
+        from tspo.training.warmstart import build_demonstrations, warm_start
+
+        cfg, res = self.config, self.resources
+        ws = cfg.warmstart
+        world_dir = res.corpus_path.parent if res.corpus_path is not None else None
+        demos = build_demonstrations(
+            pool,
+            res.tokenizer,
+            res.retriever,
+            cfg.rollout,
+            copies=ws.copies,
+            renamer=world_renamer(cfg, world_dir) if ws.rename_entities else None,
+            early_answer_fraction=ws.early_answer_fraction,
+            seed=cfg.trainer.seed,
+        )
+        if not demos:
+            from tspo.training.setup import ResourceError
+
+            raise ResourceError(
+                "warmstart.steps > 0 but no training example has a metadata.chain to demonstrate"
+            )
+        with Progress(ws.steps, "warm start", "step", self._interactive, enabled=cfg.trainer.progress) as bar:
+            return warm_start(
+                res.model,
+                res.tokenizer,
+                demos,
+                steps=ws.steps,
+                learning_rate=ws.learning_rate,
+                warmup_steps=ws.warmup_steps,
+                batch_size=ws.batch_size,
+                seed=cfg.trainer.seed,
+                pad_token_id=res.pad_token_id,
+                on_step=lambda step, loss: bar.advance(
+                    1, postfix=f"loss {loss:.3f}", line=f"warm start step {step}/{ws.steps}: loss {loss:.3f}"
+                ),
+            )
 
     @property
     def update_settings(self) -> UpdateSettings:
@@ -363,21 +461,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self, tag: str) -> dict[str, float]:
-        res = self.resources
-        result: EvalResult = evaluate_policy(
-            res.engine,
-            res.tokenizer,
-            res.retriever,
-            res.eval_examples,
-            self.config.rollout,
-            metric=self.config.reward.metric,
-            hit_mode=self.config.reward.hit_mode,
-            seed=self.config.trainer.seed,
-        )
-        logger.info(
-            "eval (%s): EM %.3f on %d questions", tag, result.metrics.get("em", 0.0), len(res.eval_examples)
-        )
-        return result.metrics
+        """Greedy and sampled held-out metrics (:func:`~tspo.evaluation.heldout.heldout_metrics`)."""
+        res, cfg = self.resources, self.config
+        sampled = cfg.trainer.eval_sampled and cfg.rollout.temperature > 0
+        total = len(res.eval_examples) * (2 if sampled else 1)
+        with Progress(
+            total, f"eval {tag}", "question", self._interactive, enabled=cfg.trainer.progress
+        ) as bar:
+            metrics = heldout_metrics(
+                res.engine,
+                res.tokenizer,
+                res.retriever,
+                res.eval_examples,
+                cfg.rollout,
+                metric=cfg.reward.metric,
+                hit_mode=cfg.reward.hit_mode,
+                seed=cfg.trainer.seed,
+                sampled=sampled,
+                progress=bar.update,
+            )
+        text = f"greedy EM {metrics.get('greedy/em', 0.0):.3f}"
+        if "sampled/em" in metrics:
+            text += f", sampled EM {metrics['sampled/em']:.3f} (temperature {cfg.rollout.temperature:g})"
+        logger.info("eval (%s): %s on %d questions", tag, text, len(res.eval_examples))
+        return metrics
 
     def validate(self) -> dict[str, float]:
         """Per-dataset validation on a fixed seeded subsample of the held-out set (``val/<dataset>/*``)."""
@@ -414,9 +521,22 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ the run
-    def train(self) -> TrainSummary:
-        from tqdm.auto import tqdm
+    @property
+    def _interactive(self) -> bool:
+        """A live progress bar only on a terminal; otherwise progress is reported as log lines."""
+        return sys.stderr.isatty()
 
+    def train(self) -> TrainSummary:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        start = time.perf_counter()
+        # Log records go through tqdm.write while a bar is shown, so no line glues onto the bar.
+        with logging_redirect_tqdm():
+            summary = self._train()
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def _train(self) -> TrainSummary:
         self.setup()
         cfg = self.config.trainer
         summary = TrainSummary(run_dir=self.run_dir, steps=self.step)
@@ -424,10 +544,17 @@ class Trainer:
         if cfg.eval_before and not resumed:
             summary.eval_before = self.evaluate("before")
             self.logger.log(0, {f"eval/{k}": v for k, v in summary.eval_before.items()})
-        progress = tqdm(
-            total=cfg.steps, initial=self.step, desc="train", disable=not cfg.progress, unit="step"
-        )
-        try:
+        monitor = NoSignalMonitor(cfg.no_signal_steps)
+        first_step, loop_start = self.step, time.perf_counter()
+        with Progress(
+            cfg.steps,
+            "train",
+            "step",
+            self._interactive,
+            initial=self.step,
+            enabled=cfg.progress,
+            log_every=1,
+        ) as progress:
             while self.step < cfg.steps:
                 metrics = self.train_step()
                 self.step += 1
@@ -438,15 +565,19 @@ class Trainer:
                 self.logger.log(self.step, metrics)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     summary.checkpoint = self.save()
-                progress.update(1)
-                progress.set_postfix(
-                    reward=f"{metrics.get('reward/mean', 0.0):.2f}",
-                    em=f"{metrics.get('outcome/mean', 0.0):.2f}",
+                warning = monitor.observe(metrics, self.config)
+                if warning is not None:
+                    logger.warning(warning)
+                    summary.warnings.append(warning)
+                per_step = (time.perf_counter() - loop_start) / (self.step - first_step)
+                line = step_line(
+                    self.step, cfg.steps, metrics, eta_seconds=per_step * (cfg.steps - self.step)
                 )
-        finally:
-            progress.close()
+                progress.advance(1, postfix=line if self._interactive else None, line=line)
         summary.steps = self.step
         summary.eval_after = self.evaluate("after")
+        if summary.eval_before:
+            summary.behaviour = behaviour_change(summary.eval_before, summary.eval_after)
         self.logger.log(self.step, {f"eval/{k}": v for k, v in summary.eval_after.items()})
         if summary.checkpoint is None or not summary.checkpoint.name.endswith(f"{self.step:08d}"):
             summary.checkpoint = self.save()

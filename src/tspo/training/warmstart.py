@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -196,10 +196,13 @@ def warm_start(
     seed: int,
     pad_token_id: int,
     warmup_steps: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Maximise the likelihood of the demonstrations' generated tokens; returns the loss per step.
 
     AdamW with the learning rate rising linearly over ``warmup_steps`` and decaying linearly to 0.
+    ``on_step(step, loss)`` is called after every step (1-based), e.g. to advance a progress bar and
+    log the loss.
     """
     if not demonstrations or steps <= 0:
         return []
@@ -223,5 +226,7 @@ def warm_start(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
     logger.info("warm start: %d steps, loss %.3f -> %.3f", steps, losses[0], losses[-1])
     return losses
