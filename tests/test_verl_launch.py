@@ -111,7 +111,8 @@ def test_no_baseline_is_paid_folr_on_verl(tmp_path, algorithm, verl_estimator, a
         assert values["algorithm.norm_adv_by_std_in_grpo"] == "false"
     if algorithm == "dspo":
         assert values["actor_rollout_ref.actor.policy_loss.loss_mode"] == "gspo"
-        assert any("no dynamic group filter" in note for note in plan.notes)
+        assert values["algorithm.filter_groups.enable"] == "true"
+        assert values["algorithm.filter_groups.metric"] == "outcome"
     if algorithm.startswith("tspo"):
         assert values["algorithm.tspo.mode"] == {"tspo": "adaptive"}.get(algorithm, algorithm[5:])
     # An explicit request for FOLR on a baseline is honoured and reported.

@@ -7,8 +7,8 @@ on one path than on another. No baseline is paid FOLR; an explicit override that
 (``pay_folr=True``) and reported by :func:`resolve_algorithm` so that callers can log it.
 
 On verl, each algorithm maps to a verl ``adv_estimator`` plus Hydra overrides
-(:attr:`AlgorithmSpec.verl_overrides`); verl has no dynamic group filter in its PPO trainer, so ``dspo``
-runs there with sequence-level clipping (verl's ``gspo`` loss mode) but without re-drawing groups.
+(:attr:`AlgorithmSpec.verl_overrides`): ``dspo`` runs there as verl's GRPO with sequence-level clipping
+(the ``gspo`` loss mode) and the V1 trainer's group filter on the reward function's ``outcome``.
 """
 
 from __future__ import annotations
@@ -107,7 +107,12 @@ _add(
         estimator="dspo",
         policy_loss="seq_clip",
         group_filter="outcome",
-        verl_overrides=("actor_rollout_ref.actor.policy_loss.loss_mode=gspo",),
+        verl_overrides=(
+            "actor_rollout_ref.actor.policy_loss.loss_mode=gspo",
+            # verl's V1 trainer re-draws groups (DAPO dynamic sampling) on the reward function's outcome
+            "algorithm.filter_groups.enable=true",
+            "algorithm.filter_groups.metric=outcome",
+        ),
     )
 )
 

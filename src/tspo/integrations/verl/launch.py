@@ -309,10 +309,6 @@ def resolve_verl_algorithm(options: VerlLaunchOptions) -> VerlAlgorithm:
         tspo_options = {"mode": mode, "length_penalty": options.length_penalty}
         tspo_options.update({"gamma": options.gamma} if mode == "legacy" else {"reclaim": options.reclaim})
     notes = resolved.overrides
-    if spec.group_filter != "none":
-        notes += (
-            f"verl's PPO trainer has no dynamic group filter: {name} runs without the {spec.group_filter} filter",
-        )
     return VerlAlgorithm(
         verl_estimator=spec.verl_estimator,
         folr_alpha=resolved.folr_alpha(options.folr_alpha),
