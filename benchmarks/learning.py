@@ -1,11 +1,15 @@
-"""Learning benchmark: TSPO (adaptive), TSPO (traj), GRPO and DSPO on the synthetic world, tiny preset.
+"""Learning benchmark: rows of the algorithm table on the synthetic world, tiny preset.
 
+Default rows: ``tspo`` (v2 adaptive), ``tspo_turn``, ``tspo_legacy`` (the v1 rule), ``grpo`` and ``dspo``.
 For each seed the tiny model is built and warm-started once; every algorithm then trains from that same
 checkpoint with the same budget, so differences come from the algorithm alone. Held-out EM is measured
-every ``--eval-every`` steps. Prints a table (mean and spread of final held-out EM, steps to reach a
-threshold, fraction of outcome-homogeneous groups over training, near-miss fraction), writes JSON and an
-overlay plot of held-out EM. Finished runs (and warm starts) already in ``--out`` are read back, not
-rerun, so seeds can run in parallel processes and be summarised together afterwards.
+every ``--eval-every`` steps, and once more per question after the last step (greedy), so each algorithm
+is compared with GRPO on the same questions: the paired difference per seed with a bootstrap 95 %
+interval over questions. Prints a table (mean and spread of final held-out EM, steps to reach a
+threshold, fraction of outcome-homogeneous groups over training, near-miss fraction, how often the stage
+branch fired), writes JSON and an overlay plot of held-out EM. Finished runs (and warm starts) already in
+``--out`` are read back, not rerun, so seeds can run in parallel processes and be summarised together
+afterwards.
 
     python benchmarks/learning.py --seeds 0 1 2 --steps 30 --out benchmarks/results/learning
 """
@@ -19,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-ALGORITHMS = {
-    "tspo": ["algorithm.name=tspo", "algorithm.tspo_mode=adaptive"],
-    "tspo_traj": ["algorithm.name=tspo", "algorithm.tspo_mode=traj"],
-    "grpo": ["algorithm.name=grpo"],
-    "dspo": ["algorithm.name=dspo"],
-}
+from tspo.algorithms import ALGORITHMS as ALGORITHM_TABLE
+
+DEFAULT_ALGORITHMS = ["tspo", "tspo_turn", "tspo_legacy", "grpo", "dspo"]
+BASELINE = "grpo"
+QUESTIONS_FILE = "final_questions.json"
+BOOTSTRAP_SAMPLES = 2000
 
 
 def warm_checkpoint(seed: int, out: Path, overrides: list[str]) -> Path:
@@ -75,12 +79,45 @@ def run_algorithm(name: str, seed: int, warm: Path, out: Path, args: argparse.Na
         f"trainer.output_dir={run_dir}",
         "trainer.progress=false",
         "trainer.save_every=0",
-        *ALGORITHMS[name],
+        f"algorithm.name={name}",
     ]
     config = load_train_config("tiny", None, overrides)
-    if not run_finished(run_dir, args.steps):
-        Trainer(config).train()
+    if not run_finished(run_dir, args.steps) or not (run_dir / QUESTIONS_FILE).is_file():
+        trainer = Trainer(config)
+        trainer.train()
+        write_question_outcomes(trainer, run_dir / QUESTIONS_FILE)
     return run_result(name, seed, run_dir, args.threshold)
+
+
+def write_question_outcomes(trainer: object, path: Path) -> None:
+    """Greedy outcome of the trained policy on every held-out question, keyed by question id."""
+    from tspo.evaluation.runner import evaluate_policy
+
+    res, config = trainer.resources, trainer.config  # type: ignore[attr-defined]
+    result = evaluate_policy(
+        res.engine,
+        res.tokenizer,
+        res.retriever,
+        res.eval_examples,
+        config.rollout,
+        metric=config.reward.metric,
+        hit_mode=config.reward.hit_mode,
+        seed=config.trainer.seed,
+    )
+    outcomes = {str(ex.id): score.outcome for ex, score in zip(res.eval_examples, result.scores, strict=True)}
+    path.write_text(json.dumps(outcomes, sort_keys=True))
+
+
+def paired_difference(ours: dict[str, float], baseline: dict[str, float], seed: int) -> dict[str, float]:
+    """Mean of ``ours[q] - baseline[q]`` over the shared questions, with a bootstrap 95 % interval."""
+    import numpy as np
+
+    questions = sorted(set(ours) & set(baseline))
+    diffs = np.array([ours[q] - baseline[q] for q in questions])
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(BOOTSTRAP_SAMPLES, len(diffs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"diff": float(diffs.mean()), "low": float(low), "high": float(high), "questions": len(questions)}
 
 
 def run_finished(run_dir: Path, steps: int) -> bool:
@@ -110,20 +147,23 @@ def run_result(name: str, seed: int, run_dir: Path, threshold: float) -> dict:
         "homogeneous_groups": statistics.fmean(line["groups/outcome_homogeneous"] for line in train_lines),
         "near_miss": statistics.fmean(line["category/near_miss"] for line in train_lines),
         "train_outcome": statistics.fmean(line["outcome/mean"] for line in train_lines),
+        "stage_level": statistics.fmean(line.get("advantage/stage_level", 0.0) for line in train_lines),
+        "questions": json.loads((run_dir / QUESTIONS_FILE).read_text()),
         "rl_seconds": sum(line["time/step"] for line in train_lines),
         "run_dir": str(run_dir),
     }
 
 
-def summarize(results: list[dict], threshold: float) -> list[dict]:
+def summarize(results: list[dict], threshold: float, algorithms: list[str]) -> list[dict]:
     rows = []
-    for name in ALGORITHMS:
+    for name in algorithms:
         runs = [r for r in results if r["algorithm"] == name]
         if not runs:
             continue
         finals = [r["em_after"] for r in runs]
         gains = [r["em_after"] - r["em_before"] for r in runs]
         reached = [r["steps_to_threshold"] for r in runs if r["steps_to_threshold"] is not None]
+        paired = [r["vs_grpo"]["diff"] for r in runs if r.get("vs_grpo")]
         rows.append(
             {
                 "algorithm": name,
@@ -131,13 +171,24 @@ def summarize(results: list[dict], threshold: float) -> list[dict]:
                 "final_em_mean": statistics.fmean(finals),
                 "final_em_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
                 "em_gain_mean": statistics.fmean(gains),
+                "vs_grpo_mean": statistics.fmean(paired) if paired else None,
                 f"reached_{threshold}": f"{len(reached)}/{len(runs)}",
                 "steps_to_threshold_mean": statistics.fmean(reached) if reached else None,
                 "homogeneous_groups": statistics.fmean(r["homogeneous_groups"] for r in runs),
                 "near_miss": statistics.fmean(r["near_miss"] for r in runs),
+                "stage_level": statistics.fmean(r["stage_level"] for r in runs),
             }
         )
     return rows
+
+
+def add_paired_differences(results: list[dict]) -> None:
+    """Give each run ``vs_grpo``: its paired difference to the GRPO run of the same seed."""
+    baselines = {r["seed"]: r for r in results if r["algorithm"] == BASELINE}
+    for run in results:
+        baseline = baselines.get(run["seed"])
+        if baseline is not None and run is not baseline:
+            run["vs_grpo"] = paired_difference(run["questions"], baseline["questions"], seed=run["seed"])
 
 
 def main() -> None:
@@ -145,7 +196,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument(
+        "--algorithms", nargs="+", default=DEFAULT_ALGORITHMS, choices=list(ALGORITHM_TABLE.names())
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--threshold", type=float, default=0.6, help="held-out EM for steps-to-threshold")
@@ -164,13 +217,23 @@ def main() -> None:
                 f"({result['rl_seconds']:.0f} s of RL steps)",
                 flush=True,
             )
-    rows = summarize(results, args.threshold)
+    add_paired_differences(results)
+    rows = summarize(results, args.threshold, args.algorithms)
     header = list(rows[0])
     print()
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
-    (args.out / "learning.json").write_text(json.dumps({"summary": rows, "runs": results}, indent=2))
+    print("\npaired difference to grpo, final greedy EM on the same held-out questions (bootstrap 95 % CI):")
+    for run in results:
+        if run.get("vs_grpo"):
+            d = run["vs_grpo"]
+            print(
+                f"seed {run['seed']} {run['algorithm']:12s} {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+                f" on {d['questions']} questions"
+            )
+    runs_out = [{k: v for k, v in r.items() if k != "questions"} for r in results]
+    (args.out / "learning.json").write_text(json.dumps({"summary": rows, "runs": runs_out}, indent=2))
     from tspo.training.plots import plot_runs
 
     plot_runs(
