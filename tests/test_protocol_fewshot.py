@@ -62,7 +62,11 @@ def _bpe_tokenizer(texts: list[str], directory: Path):
     trainer = trainers.BpeTrainer(
         vocab_size=800, special_tokens=["<|eos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    raw.train_from_iterator([*texts, "search answer information Doc Title"], trainer)
+    # Observations end in "\n\n": like real BPE vocabularies, this one gets a "\n\n" token, which a
+    # byte-level pre-tokenizer keeps only where no "<" follows (the few-shot pitfall).
+    raw.train_from_iterator(
+        [*texts, "search answer information Doc Title", *["</information>\n\n"] * 50], trainer
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|eos|>", pad_token="<|eos|>")
     tokenizer.save_pretrained(directory)
     return PreTrainedTokenizerFast.from_pretrained(directory)
@@ -128,6 +132,18 @@ def test_example_is_byte_identical_to_a_real_rollout_of_the_same_actions(world):
     assert real == build_instruction(example.question, config.protocol) + example_response(
         example, config.protocol
     )
+    # Token for token: a few-shot prompt starts with exactly the ids of that rollout (each segment is
+    # tokenized on its own, as the loop does), then the separator and the real question.
+    with_example = dataclasses.replace(config.protocol, examples=1).with_worked_examples([example])
+    prompt = build_prompt_ids("Where was Bo born", tokenizer, with_example)
+    rollout_ids = traj.prompt_ids + traj.response_ids
+    assert prompt[: len(rollout_ids)] == rollout_ids
+    assert tokenizer.decode(prompt[len(rollout_ids) :]) == "\n\n" + build_instruction(
+        "Where was Bo born", config.protocol
+    )
+    # Tokenizing the text in one piece would not give those ids (the borders merge differently).
+    whole = tokenizer(tokenizer.decode(rollout_ids), add_special_tokens=False)["input_ids"]
+    assert whole != rollout_ids
 
 
 def test_prompt_puts_the_examples_before_the_question(world):

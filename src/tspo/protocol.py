@@ -185,15 +185,21 @@ def build_prompt_messages(question: str, config: ProtocolConfig = DEFAULT_PROTOC
     return [*messages, {"role": "user", "content": build_instruction(question, config)}]
 
 
-def example_response(example: WorkedExample, config: ProtocolConfig = DEFAULT_PROTOCOL) -> str:
-    """A worked example's response exactly as a rollout would hold it: each generated action followed by
-    the observation :func:`format_observation` renders for it, then the answer."""
-    parts = []
+def example_segments(example: WorkedExample, config: ProtocolConfig = DEFAULT_PROTOCOL) -> list[str]:
+    """A worked example's response as a rollout would hold it, one string per segment: each generated
+    action, the observation :func:`format_observation` renders for it, ..., then the answer. Prompts
+    tokenize each segment on its own, as the rollout loop does, so the tokens match a real rollout's."""
+    segments = []
     for query, docs in example.searches:
-        parts.append(f"<{config.search_tag}> {query} </{config.search_tag}>")
-        parts.append(format_observation(docs, config))
-    parts.append(f"<{config.answer_tag}> {example.answer} </{config.answer_tag}>")
-    return "".join(parts)
+        segments.append(f"<{config.search_tag}> {query} </{config.search_tag}>")
+        segments.append(format_observation(docs, config))
+    segments.append(f"<{config.answer_tag}> {example.answer} </{config.answer_tag}>")
+    return segments
+
+
+def example_response(example: WorkedExample, config: ProtocolConfig = DEFAULT_PROTOCOL) -> str:
+    """A worked example's whole response text (:func:`example_segments` joined)."""
+    return "".join(example_segments(example, config))
 
 
 def few_shot_turns(config: ProtocolConfig = DEFAULT_PROTOCOL) -> list[tuple[str, str]]:

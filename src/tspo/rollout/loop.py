@@ -42,6 +42,7 @@ from tspo.protocol import (
     ProtocolConfig,
     build_prompt_messages,
     build_prompt_text,
+    example_segments,
     format_observation,
     invalid_observation,
     parse_action,
@@ -121,15 +122,37 @@ class RolloutResult:
 
 def build_prompt_ids(question: str, tokenizer: Any, protocol: ProtocolConfig = DEFAULT_PROTOCOL) -> list[int]:
     """Prompt ids of ``question``: the instruction as a chat user turn when the tokenizer has a template
-    (and ``protocol.use_chat_template``), with the assistant generation prompt; else the raw text. The
-    protocol's worked examples, if any, come first (:func:`tspo.protocol.build_prompt_text`)."""
-    if protocol.use_chat_template and getattr(tokenizer, "chat_template", None):
+    (and ``protocol.use_chat_template``), with the assistant generation prompt; else the raw text.
+
+    The protocol's worked examples, if any, come first (:func:`tspo.protocol.build_prompt_messages` /
+    :func:`~tspo.protocol.build_prompt_text`). Their generated actions and observations are tokenized
+    one segment at a time, as the loop tokenizes a real rollout. Tokenizing the whole text at once
+    splits characters differently at segment borders (SmolLM2: an observation's closing ``\\n\\n`` is
+    one token on its own, two before ``<answer>``), and the model would be shown tokens it never sees
+    in its own rollouts.
+    """
+    chat = bool(protocol.use_chat_template and getattr(tokenizer, "chat_template", None))
+    if chat:
+        # The template text already holds BOS-like markers; do not add them twice.
         text = tokenizer.apply_chat_template(
             build_prompt_messages(question, protocol), add_generation_prompt=True, tokenize=False
         )
-        # The template text already holds BOS-like markers; do not add them twice.
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(build_prompt_text(question, protocol), add_special_tokens=True)["input_ids"])
+    else:
+        text = build_prompt_text(question, protocol)
+    pieces: list[str] = []
+    position = 0
+    for example in protocol.worked_examples:
+        for segment in example_segments(example, protocol):
+            found = text.index(segment, position)
+            pieces += [text[position:found], segment]
+            position = found + len(segment)
+    pieces.append(text[position:])
+    ids: list[int] = []
+    for index, piece in enumerate(pieces):
+        if piece:
+            special = index == 0 and not chat
+            ids += tokenizer(piece, add_special_tokens=special)["input_ids"]
+    return [int(token) for token in ids]
 
 
 def _call_seed(seed: int | None, wave: int, chunk: int) -> int | None:
