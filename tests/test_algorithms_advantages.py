@@ -606,3 +606,20 @@ def test_broadcast_checks_its_arguments() -> None:
         broadcast_turn_advantages(torch.zeros(2, 3), turns, index, torch.ones(2, 5))
     with pytest.raises(ValueError, match="turn_advantages must be float32 or float64"):
         broadcast_turn_advantages(torch.zeros(2, 3, dtype=torch.float16), turns, index, mask)
+
+
+def test_float32_rounding_is_not_a_signal() -> None:
+    # Three ways to reach R = 1.3 in float32 differ by rounding (about 1e-8 here, 1e-7 after verl's
+    # span sums); a 1e-9 tolerance would turn that into advantages of about +-0.01.
+    same = make_inputs(
+        [([0.3, 1.0], 1.0, 0), ([0.6, 0.7], 1.0, 0), ([1.3], 1.0, 0), ([0.1, 0.2, 1.0], 1.0, 0)],
+        dtype=torch.float32,
+    )
+    assert float(same.trajectory_reward().max() - same.trajectory_reward().min()) > 1e-9
+    for name, options in [("grpo", {}), ("rloo", {})] + [
+        ("tspo", {"mode": mode}) for mode in ("adaptive", "turn", "traj", "legacy")
+    ]:
+        assert torch.all(compute_advantages(name, same, **options).token_advantages == 0), (name, options)
+    # In float64 the same tiny difference is real and kept.
+    exact = make_inputs([([1.3], 1.3, 0), ([1.3 + 1e-7], 1.3 + 1e-7, 0)])
+    assert torch.all(compute_advantages("grpo", exact).turn_advantages[:, 0] != 0)

@@ -400,7 +400,8 @@ def grpo_advantages(
     _check_eps(eps)
     groups = dense_group_ids(inputs.group_index)
     reward = inputs.trajectory_reward()
-    advantages = _normalized(reward, groups, group_statistics(reward, groups), norm_by_std, eps)
+    stats = group_statistics(reward, groups, inputs.turn_rewards.dtype)
+    advantages = _normalized(reward, groups, stats, norm_by_std, eps)
     return _finish(inputs, _trajectory_level(inputs, advantages))
 
 
@@ -437,7 +438,7 @@ def rloo_advantages(inputs: AdvantageInputs) -> AdvantageOutput:
     inputs.validate()
     groups = dense_group_ids(inputs.group_index)
     reward = inputs.trajectory_reward()
-    stats = group_statistics(reward, groups)
+    stats = group_statistics(reward, groups, inputs.turn_rewards.dtype)
     group_of = groups.of_trajectory
     size = groups.size.to(torch.float64)[group_of]
     others_mean = (stats.total[group_of] - reward) / (size - 1).clamp(min=1)
@@ -481,7 +482,8 @@ def _stage_advantages(
     other = inputs.trajectory_reward() - folr  # O_i: the outcome plus any shaping
     scale = reward_stats.std[group_of] + eps  # one scale per group: s = std_g R + eps
     # A part with no spread in a group carries no signal: exactly 0, not the rounding noise of R - F.
-    other_stats, folr_stats = group_statistics(other, groups), group_statistics(folr, groups)
+    source = inputs.turn_rewards.dtype
+    other_stats, folr_stats = group_statistics(other, groups, source), group_statistics(folr, groups, source)
     outcome_part = torch.where(
         _no_signal(other_stats, groups), 0.0, (other - other_stats.mean[group_of]) / scale
     )
@@ -546,7 +548,7 @@ def tspo_advantages(
     groups = dense_group_ids(inputs.group_index)
     group_of = groups.of_trajectory
     reward = inputs.trajectory_reward()
-    stats = group_statistics(reward, groups)
+    stats = group_statistics(reward, groups, inputs.turn_rewards.dtype)
     scale = (stats.std[group_of] + eps)[:, None]
     trajectory_level_advantages = (reward - stats.mean[group_of])[:, None] / scale
     if mode == "turn":
