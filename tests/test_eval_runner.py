@@ -336,3 +336,45 @@ def test_validate_reports_each_dataset_and_the_pool(world):
     validate(engine, world["tokenizer"], world["retriever"], examples[:2], sampled, prefix="eval")
     assert all(params.temperature == 0.0 for _, params in engine.calls)
     assert validate(engine, world["tokenizer"], world["retriever"], {}, CONFIG) == {}
+
+
+# ------------------------------------------------------------------------- trainer's held-out evaluation
+
+
+def test_heldout_metrics_reports_greedy_and_sampled_on_the_same_questions(world):
+    from tspo.evaluation.heldout import behaviour_change, heldout_metrics
+
+    engine, _ = _engine(world)
+    examples = world["examples"][:12]
+    sampling = RolloutConfig(**{**CONFIG.__dict__, "temperature": 0.7})
+    done: list[int] = []
+    engine.calls.clear()
+    metrics = heldout_metrics(
+        engine, world["tokenizer"], world["retriever"], examples, sampling, batch_size=5, progress=done.append
+    )
+    # Questions in batches of 5, both decodings; greedy calls at temperature 0, sampled ones at 0.7.
+    temperatures = [params.temperature for _, params in engine.calls]
+    half = len(temperatures) // 2
+    assert set(temperatures[:half]) == {0.0} and set(temperatures[half:]) == {0.7}
+    first_seeds = [params.seed for _, params in engine.calls]
+    direct = evaluate_policy(engine, world["tokenizer"], world["retriever"], examples, CONFIG).metrics
+    for key, value in direct.items():
+        assert metrics[f"greedy/{key}"] == value and metrics[key] == value
+        assert f"sampled/{key}" in metrics
+    assert metrics["sampled/n"] == 12
+    # Questions in batches of 5, both decodings; greedy calls at temperature 0, sampled ones at 0.7.
+    assert done == [5, 5, 2, 5, 5, 2]
+    # The sample is fixed by the seed: the same call gives the same seeds to the engine.
+    engine.calls.clear()
+    heldout_metrics(engine, world["tokenizer"], world["retriever"], examples, sampling, batch_size=5)
+    assert [params.seed for _, params in engine.calls] == first_seeds
+    # Greedy rollouts (temperature 0) have nothing to sample: no sampled keys.
+    greedy_only = heldout_metrics(engine, world["tokenizer"], world["retriever"], examples, CONFIG)
+    assert "sampled/em" not in greedy_only and greedy_only["greedy/em"] == direct["em"]
+
+    after = {**metrics, "sampled/searches": metrics["sampled/searches"] + 1.0, "sampled/near_miss": 0.0}
+    lines = behaviour_change(metrics, after)
+    assert lines[0] == (
+        f"searches per question {metrics['sampled/searches']:.2f} -> {after['sampled/searches']:.2f} (sampled)"
+    )
+    assert f"near miss (answer retrieved, not given) {metrics['sampled/near_miss']:.0%} -> 0%" in lines[2]
