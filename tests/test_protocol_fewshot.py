@@ -197,3 +197,13 @@ def test_search_r1_recipes_keep_the_zero_shot_prompt_byte_for_byte(recipe):
     expected = SEARCH_R1_INSTRUCTION.replace("{question}", question + "?")
     assert build_prompt_text(question, protocol) == expected
     assert build_prompt_messages(question, protocol) == [{"role": "user", "content": expected}]
+
+
+def test_examples_round_trip_through_json(world):
+    import json
+
+    from tspo.training.prompts import worked_examples_from_json, worked_examples_to_json
+
+    chosen = choose_worked_examples(world["train"], world["retriever"], world["tokenizer"], _rollout(), 2, 0)
+    stored = json.loads(json.dumps(worked_examples_to_json(chosen)))
+    assert worked_examples_from_json(stored) == chosen

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from tspo.evaluation.store import TRAJECTORIES_FILE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory of tspo train")
     parser.add_argument(
-        "--eval-dir", metavar="DIR", help="a tspo eval --out directory (default: newest RUN_DIR/eval/*)"
+        "--eval-dir",
+        metavar="DIR",
+        help="a tspo eval --out directory, or a folder of them such as RUN_DIR/eval (its newest; default: newest RUN_DIR/eval/*)",
     )
     parser.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/analysis)")
     parser.add_argument(
@@ -46,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = analyze(
             args.run_dir,
-            eval_dir=args.eval_dir,
+            eval_dir=_evaluation_dir(args.eval_dir),
             out_dir=args.out,
             examples_per_category=args.examples,
             smooth=args.smooth,
@@ -59,3 +64,17 @@ def run(args: argparse.Namespace) -> int:
     if result.eval_dir is not None:
         print(f"eval   : {result.eval_dir}")
     return 0
+
+
+def _evaluation_dir(given: str | None) -> Path | None:
+    """``--eval-dir`` as given, or, for a directory of evaluations such as ``RUN_DIR/eval`` (``tspo eval``
+    writes one ``step-XXXXXXXX`` folder per checkpoint there), its newest evaluation."""
+    if given is None:
+        return None
+    path = Path(given)
+    if (path / TRAJECTORIES_FILE).is_file() or not path.is_dir():
+        return path
+    found = [p.parent for p in path.glob(f"*/{TRAJECTORIES_FILE}")]
+    if not found:
+        return path
+    return max(found, key=lambda d: (d.name, (d / TRAJECTORIES_FILE).stat().st_mtime))

@@ -129,6 +129,25 @@ def _rollout_config(args: argparse.Namespace, base: Any) -> Any:
     return dataclasses.replace(base, **changes)
 
 
+def _with_run_examples(config: Any, run_dir: Path) -> Any:
+    """The run's few-shot examples (``rollout.protocol.examples``) in every prompt, as in training."""
+    from tspo.cli import CLIError
+    from tspo.training.prompts import worked_examples_from_json
+    from tspo.training.trainer import FEW_SHOT_FILE
+
+    if config.protocol.examples <= 0:
+        return config
+    path = run_dir / FEW_SHOT_FILE
+    if not path.is_file():
+        raise CLIError(
+            f"the run uses rollout.protocol.examples={config.protocol.examples} but {path} is missing; "
+            "evaluating it zero-shot would not measure what it learned"
+        )
+    shots = worked_examples_from_json(json.loads(path.read_text(encoding="utf-8"))["examples"])
+    config.protocol = config.protocol.with_worked_examples(shots)
+    return config
+
+
 def _retriever_spec(args: argparse.Namespace, source: Any) -> Any:
     from tspo.cli import CLIError
     from tspo.evaluation.sources import run_retriever_spec
@@ -201,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
         run_config = source.run_config or {}
         base_rollout = run_rollout_config(run_config) if source.run_dir is not None else RolloutConfig()
         rollout_config = _rollout_config(args, base_rollout)
+        if source.run_dir is not None:
+            rollout_config = _with_run_examples(rollout_config, source.run_dir)
         metric, hit_mode = run_scoring(run_config)
         metric, hit_mode = args.metric or metric, args.hit_mode or hit_mode
         retriever_spec = _retriever_spec(args, source)

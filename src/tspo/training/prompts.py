@@ -7,6 +7,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
+from tspo.doc import Doc
 from tspo.protocol import ProtocolConfig, WorkedExample, format_observation, retrieved_text
 from tspo.rewards.folr import answer_in_text
 from tspo.rollout.config import RolloutConfig
@@ -129,3 +130,42 @@ def _worked_example(
     return WorkedExample(
         question=str(example.question), searches=tuple(searches), answer=str(example.golds[0])
     )
+
+
+def worked_examples_to_json(examples: Sequence[WorkedExample]) -> list[dict[str, Any]]:
+    """The examples as plain JSON (what ``RUN_DIR/few_shot_examples.json`` holds)."""
+    return [
+        {
+            "question": ex.question,
+            "searches": [
+                {
+                    "query": query,
+                    "docs": [{"id": d.id, "title": d.title, "text": d.text, "score": d.score} for d in docs],
+                }
+                for query, docs in ex.searches
+            ],
+            "answer": ex.answer,
+        }
+        for ex in examples
+    ]
+
+
+def worked_examples_from_json(items: Sequence[dict[str, Any]]) -> list[WorkedExample]:
+    """Inverse of :func:`worked_examples_to_json` (a run's examples, for ``tspo eval --model RUN_DIR``)."""
+    return [
+        WorkedExample(
+            question=str(item["question"]),
+            searches=tuple(
+                (
+                    str(search["query"]),
+                    tuple(
+                        Doc(str(d["id"]), str(d["title"]), str(d["text"]), float(d.get("score") or 0.0))
+                        for d in search["docs"]
+                    ),
+                )
+                for search in item["searches"]
+            ),
+            answer=str(item["answer"]),
+        )
+        for item in items
+    ]

@@ -46,7 +46,7 @@ from tspo.training.config import TrainConfig
 from tspo.training.metrics import MetricsLogger
 from tspo.training.policy import batched_logprobs
 from tspo.training.progress import NoSignalMonitor, Progress, step_line
-from tspo.training.prompts import PromptSampler, choose_worked_examples
+from tspo.training.prompts import PromptSampler, choose_worked_examples, worked_examples_to_json
 from tspo.training.schedules import linear_warmup
 from tspo.training.setup import RunResources, build_resources, split_demonstrations, world_renamer
 from tspo.training.update import NonFiniteUpdate, UpdateSettings, policy_update
@@ -193,7 +193,7 @@ class Trainer:
         (self.run_dir / FEW_SHOT_FILE).write_text(
             json.dumps(
                 {
-                    "examples": [dataclasses.asdict(shot) for shot in shots],
+                    "examples": worked_examples_to_json(shots),
                     "prompt_text_example": build_prompt_text(sample, cfg.rollout.protocol),
                 },
                 indent=2,
