@@ -87,7 +87,7 @@ def test_index_build_dense(tmp_path, capsys):
     corpus = write_corpus(tmp_path / "corpus.jsonl", docs)
     out = tmp_path / "dense"
     args = ["index", "build", "--kind", "dense", "--corpus", str(corpus), "--out", str(out)]
-    args += ["--encoder", str(model), "--query-prefix", "", "--passage-prefix", "", "--fp16", "--no-progress"]
+    args += ["--encoder", str(model), "--fp16", "--no-progress"]  # MiniLM: no prefixes by default
     assert main(args) == 0
     assert "saved 24 passages" in capsys.readouterr().out
     assert not (tmp_path / "dense.work").exists()  # embeddings removed after success

@@ -161,7 +161,7 @@ def test_client_cache(server, queries):
 def test_4xx_is_not_retried_and_names_the_problem(server, queries):
     client = HTTPRetriever(server.url, token="tok", retries=5, backoff=0.01)
     try:
-        with pytest.raises(RetrievalRequestError, match=r"HTTP 422.*between 1 and 10, got 11"):
+        with pytest.raises(RetrievalRequestError, match=r"HTTP 422.*must be at most 10, got 11"):
             client.search(queries[:1], 11)
         assert client.stats["requests"] == 1
         unauthorised = HTTPRetriever(server.url, token="wrong", retries=5)
@@ -240,7 +240,7 @@ def test_client_carries_a_batch_through_a_server_restart(index_dir, retriever, q
 
 def test_a_dead_server_gives_a_clear_error_not_a_hang():
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    client = HTTPRetriever(url, retries=2, backoff=0.01, timeout=2)
+    client = HTTPRetriever(url, retries=2, retry_budget_s=0, backoff=0.01, timeout=2)
     started = time.monotonic()
     try:
         with pytest.raises(RetrievalUnavailableError) as err:
@@ -259,7 +259,7 @@ def test_a_server_that_never_answers_times_out():
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        client = HTTPRetriever(url, retries=1, backoff=0.01, timeout=0.5)
+        client = HTTPRetriever(url, retries=1, retry_budget_s=0, backoff=0.01, timeout=0.5)
         started = time.monotonic()
         try:
             with pytest.raises(RetrievalUnavailableError, match=r"failed after 2 attempt\(s\).*ReadTimeout"):

@@ -17,6 +17,7 @@ import pytest
 
 from tspo.doc import Doc
 from tspo.retrieval import DenseRetriever, EncoderConfig, SentenceEncoder, load_retriever, result_order
+from tspo.retrieval.encoder import is_e5_model
 
 pytest.importorskip("faiss")
 pytest.importorskip("sentence_transformers")
@@ -238,7 +239,7 @@ def test_interrupted_build_resumes_from_saved_chunks(encoder, corpus, flat, quer
 
 
 def test_resume_refuses_embeddings_made_with_other_settings(encoder, corpus, work_dir, flat):
-    other = EncoderConfig(model=minilm_path(), max_length=64, passage_prefix="")
+    other = EncoderConfig(model=minilm_path(), max_length=64, passage_prefix="passage: ")
     with pytest.raises(ValueError, match=r"different settings.*passage_prefix"):
         DenseRetriever.build(corpus, encoder=encoder.__class__(other), work_dir=work_dir, chunk_size=CHUNK)
 
@@ -259,10 +260,8 @@ def test_save_and_load(flat, corpus, query_vectors, encoder, tmp_path):
     directory = flat.save(tmp_path / "dense")
     manifest = json.loads((directory / "tspo_index.json").read_text())
     assert manifest["kind"] == "dense" and manifest["passages"] == N_PASSAGES
-    assert (
-        manifest["encoder"]["query_prefix"] == "query: "
-        and manifest["encoder"]["passage_prefix"] == "passage: "
-    )
+    # MiniLM is not an E5 model: no prefixes, and the manifest says so.
+    assert manifest["encoder"]["query_prefix"] == "" and manifest["encoder"]["passage_prefix"] == ""
     mapped = load_retriever({"index": str(directory)})  # the encoder is reopened from the manifest
     assert isinstance(mapped, DenseRetriever) and len(mapped) == N_PASSAGES
     assert mapped.search([corpus[3].text], 4) == flat.search([corpus[3].text], 4)
@@ -315,3 +314,38 @@ def test_gpu_encoding_matches_cpu(corpus, flat):
     cpu = flat.search(queries[:20], 3)
     gpu_results = retriever.search(queries[:20], 3)
     assert [[d.id for d in r] for r in gpu_results] == [[d.id for d in r] for r in cpu]
+
+
+def test_prefixes_are_e5s_only_for_e5_models_or_when_asked():
+    assert is_e5_model("intfloat/e5-base-v2") and is_e5_model("intfloat/multilingual-e5-large")
+    assert not is_e5_model("sentence-transformers/all-MiniLM-L6-v2") and not is_e5_model("BAAI/bge-base-en")
+    e5 = EncoderConfig(model="intfloat/e5-base-v2")
+    assert (e5.query_prefix, e5.passage_prefix) == ("query: ", "passage: ")
+    minilm = EncoderConfig(model=minilm_path())
+    assert (minilm.query_prefix, minilm.passage_prefix) == ("", "")
+    explicit = EncoderConfig(model=minilm_path(), query_prefix="search: ", passage_prefix="doc: ")
+    assert explicit.fingerprint()["query_prefix"] == "search: "
+    assert explicit.fingerprint()["passage_prefix"] == "doc: "
+
+
+def test_an_old_manifest_without_prefixes_keeps_e5_prefixes(flat, tmp_path):
+    """Indexes written before the prefixes were recorded were built with E5's: they still load so."""
+    directory = flat.save(tmp_path / "old")
+    path = directory / "tspo_index.json"
+    manifest = json.loads(path.read_text())
+    del manifest["encoder"]["query_prefix"], manifest["encoder"]["passage_prefix"]
+    path.write_text(json.dumps(manifest))
+    loaded = DenseRetriever.load(directory)
+    assert loaded.encoder.config.query_prefix == "query: "
+    assert loaded.encoder.config.passage_prefix == "passage: "
+
+
+def test_query_window_cuts_at_the_encoders_token_limit(encoder):
+    window = encoder.query_window()  # max_length 64, no prefix: 62 tokens after [CLS] and [SEP]
+    assert window.budget == 62
+    long_query = " ".join(["violin"] * 200)
+    (cut,) = window.cut([long_query])
+    assert cut == " ".join(["violin"] * 62)
+    # What is cut off never reached the encoder: same embedding.
+    assert np.allclose(encoder.encode_queries([long_query]), encoder.encode_queries([cut]), atol=1e-6)
+    assert window.cut(["short query"]) == ["short query"]

@@ -46,7 +46,7 @@ def retriever(corpus):
 @pytest.fixture(scope="module")
 def server(retriever):
     settings = ServerSettings(
-        port=0, max_topk=20, max_queries=16, max_query_chars=200, max_body_bytes=4096, max_wait_ms=20
+        port=0, max_topk=20, max_queries=16, max_body_bytes=4096, max_wait_ms=20
     )
     with start_server(retriever, settings) as running:
         wait_until_ready(running.url)
@@ -166,15 +166,14 @@ def test_topk_defaults_to_three_and_empty_query_lists_are_fine(client, queries):
         ('{"queries": "a single string"}', 422, '"queries" must be a list of strings, got string'),
         ('{"queries": ["ok", 5]}', 422, '"queries[1]" must be a string, got integer'),
         ('{"queries": [null]}', 422, '"queries[0]" must be a string, got null'),
-        ('{"queries": ["q"], "topk": 0}', 422, '"topk" must be between 1 and 20, got 0'),
-        ('{"queries": ["q"], "topk": -3}', 422, '"topk" must be between 1 and 20, got -3'),
-        ('{"queries": ["q"], "topk": 1000000000000}', 422, "between 1 and 20"),
-        ('{"queries": ["q"], "topk": "3"}', 422, '"topk" must be an integer, got string'),
+        ('{"queries": ["q"], "topk": 1000000000000}', 422, '"topk" must be at most 20'),
+        ('{"queries": ["q"], "topk": "three"}', 422, "\"topk\" must be an integer, got string 'three'"),
         ('{"queries": ["q"], "topk": 2.5}', 422, '"topk" must be an integer, got number'),
         ('{"queries": ["q"], "topk": true}', 422, '"topk" must be an integer, got boolean'),
-        ('{"queries": ["q"], "return_scores": "yes"}', 422, '"return_scores" must be true or false'),
+        ('{"queries": ["q"], "return_scores": "maybe"}', 422, '"return_scores" must be true or false'),
+        ('{"queries": ["q"], "return_scores": 2}', 422, '"return_scores" must be true or false'),
         (json.dumps({"queries": ["q"] * 17}), 422, "17 queries; at most 16"),
-        (json.dumps({"queries": ["x" * 201]}), 422, '"queries[0]" is 201 characters long; at most 200'),
+        ('{"queries": ' + "[" * 40 + "]" * 40 + "}", 400, "nests 41 levels deep"),
     ],
 )
 def test_bad_requests_get_a_json_4xx_naming_the_problem(client, body, status, message):

@@ -44,8 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--index-type", choices=("flat", "hnsw", "ivf"), default="flat", help="faiss index type"
     )
     dense.add_argument("--fp16", action="store_true", help="store vectors in float16 (half the memory)")
-    dense.add_argument("--query-prefix", default="query: ", help='prefix of queries (E5: "query: ")')
-    dense.add_argument("--passage-prefix", default="passage: ", help='prefix of passages (E5: "passage: ")')
+    dense.add_argument(
+        "--query-prefix",
+        help='prefix of queries (default: "query: " for E5-family encoders, none for others; recorded in '
+        "the index manifest)",
+    )
+    dense.add_argument(
+        "--passage-prefix",
+        help='prefix of passages (default: "passage: " for E5-family encoders, none for others)',
+    )
     dense.add_argument("--max-length", type=int, default=256, help="encoder max tokens (default 256)")
     dense.add_argument("--batch-size", type=int, default=64, help="texts per encoder forward pass")
     dense.add_argument("--device", help="encoder device, e.g. cpu or cuda (default: cuda if present)")

@@ -28,22 +28,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=os.environ.get("TSPO_RETRIEVAL_TOKEN"),
         help="require 'Authorization: Bearer TOKEN' (default: $TSPO_RETRIEVAL_TOKEN; unset = no token)",
     )
-    parser.add_argument("--topk", type=int, default=3, help="topk when a request omits it (default 3)")
+    parser.add_argument(
+        "--topk", type=int, default=3, help="topk when a request omits it or sends <= 0 (default 3)"
+    )
     parser.add_argument("--max-topk", type=int, default=100, help="largest topk accepted (default 100)")
-    parser.add_argument(
-        "--max-queries", type=int, default=1024, help="most queries per request (default 1024)"
+    limits = parser.add_argument_group(
+        "request limits",
+        "A request is bounded by its size in bytes, not by a query count, so Search-R1's 512 x 5 = "
+        "2,560-query batches pass. Over-long queries are cut, not refused: to --max-query-chars, then "
+        "to what the index reads (the dense encoder's token window, BM25's first 1,024 words), and "
+        "counted in the X-Truncated-Queries response header.",
+    )
+    limits.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="largest request body in bytes (default 16 MiB); larger gets 413",
+    )
+    limits.add_argument(
+        "--max-queries", type=int, help="most queries per request (default: no count limit); more gets 422"
+    )
+    limits.add_argument(
+        "--max-query-chars",
+        type=int,
+        default=16384,
+        help="queries are first cut to this many characters (default 16384)",
     )
     parser.add_argument(
-        "--max-query-chars", type=int, default=4096, help="longest query accepted (default 4096)"
-    )
-    parser.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body")
-    parser.add_argument(
-        "--max-batch", type=int, default=256, help="most queries per batched search (default 256)"
+        "--max-batch",
+        type=int,
+        default=256,
+        help="most queries per batched search (default 256); larger requests are split into slices "
+        "interleaved with other clients' queries",
     )
     parser.add_argument(
         "--max-wait-ms", type=float, default=2.0, help="wait for a fuller batch (default 2 ms)"
     )
     parser.add_argument("--cache-size", type=int, default=100_000, help="LRU result entries; 0 disables")
+    hygiene = parser.add_argument_group("connections")
+    hygiene.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=30.0,
+        help="close a connection idle this many seconds, from its opening or its last response (default 30)",
+    )
+    hygiene.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="close a connection whose request head is incomplete this many seconds after its first "
+        "byte (default 10)",
+    )
+    hygiene.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="answer 408 and close when a request body is incomplete this many seconds after its head "
+        "(default 30)",
+    )
+    hygiene.add_argument(
+        "--max-connections",
+        type=int,
+        default=2048,
+        help="most connections open at once (default 2048); one more gets 503 with Retry-After and is "
+        "closed. The open-file limit is raised to fit where the hard limit allows",
+    )
     parser.add_argument(
         "--no-mmap", action="store_true", help="read the index into memory instead of mapping it"
     )
@@ -71,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             cache_size=args.cache_size,
+            keep_alive_s=args.keep_alive_timeout,
+            header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
+            max_connections=args.max_connections,
         )
     except ValueError as err:
         raise CLIError(str(err)) from None

@@ -1,11 +1,21 @@
-"""Micro-batching: coalesce concurrent search requests into one batched ``search`` call.
+"""Micro-batching: coalesce concurrent search requests into batched ``search`` calls, fairly and safely.
 
 Rollout workers send many small requests at once (often one query each). Searching them one by one
-wastes the batched kernels; instead requests wait in a queue and a single worker takes everything
-queued (up to ``max_batch`` queries), waiting at most ``max_wait`` for more when the queue is short.
-While one batch is being searched the next one accumulates, so the batch size adapts to the load.
-Results are top-``k`` prefixes of one sorted order, so requests with different ``k`` share a batch
-searched with the largest ``k``.
+wastes the batched kernels; instead requests wait in a queue and a single worker takes up to
+``max_batch`` queries, waiting at most ``max_wait`` for more when the queue is short. While one batch
+is being searched the next one accumulates, so the batch size adapts to the load. Results are top-``k``
+prefixes of one sorted order, so requests with different ``k`` share a batch searched with the largest
+``k``.
+
+Fairness (deficit round robin, Shreedhar & Varghese 1996): a batch is filled in rounds over the queued
+requests, each taking at most ``quantum`` queries per round, and a request with queries left goes to
+the back of the queue. A 10,000-query request is thus searched ``max_batch``-sized slice by slice,
+interleaved with everyone else's queries, instead of stalling them; alone, it still fills every batch.
+
+Isolation: when a batched ``search`` raises, the batch is bisected and searched again so that every
+query that can be answered is, and each query that cannot fails only its own request
+(:class:`QueryFailedError`). If a query known to work fails too, the index itself is broken and the
+whole batch gets the error.
 """
 
 from __future__ import annotations
@@ -20,18 +30,41 @@ from dataclasses import dataclass, field
 
 from tspo.retrieval.base import Doc
 
-__all__ = ["BatchStats", "MicroBatcher"]
+__all__ = ["BatchStats", "MicroBatcher", "QueryFailedError"]
 
 logger = logging.getLogger(__name__)
 
 SearchFn = Callable[[list[str], int], list[list[Doc]]]
 
 
-@dataclass
+class QueryFailedError(RuntimeError):
+    """A query that the retriever fails on while other queries are answered: the request's fault."""
+
+    def __init__(self, query: str, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.query = query
+        self.error = error
+
+
+@dataclass(eq=False)
 class _Pending:
     queries: list[str]
     k: int
     future: asyncio.Future[list[list[Doc]]]
+    results: list[list[Doc] | None]
+    taken: int = 0  # queries handed to batches so far
+    answered: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.queries) - self.taken
+
+
+@dataclass(frozen=True)
+class _Slice:
+    pending: _Pending
+    start: int
+    stop: int
 
 
 @dataclass
@@ -42,6 +75,7 @@ class BatchStats:
     largest_batch: int = 0
     search_seconds: float = 0.0
     errors: int = 0
+    failed_queries: int = 0
     sizes: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
 
     def as_dict(self) -> dict[str, float]:
@@ -53,6 +87,7 @@ class BatchStats:
             "mean_batch": (sum(self.sizes) / len(self.sizes)) if self.sizes else 0.0,
             "search_seconds": round(self.search_seconds, 6),
             "errors": self.errors,
+            "failed_queries": self.failed_queries,
         }
 
 
@@ -61,11 +96,15 @@ class MicroBatcher:
 
     Args:
         search: the batched search, called in a worker thread.
-        max_batch: queries per ``search`` call (a single larger request is still searched whole).
+        max_batch: most queries per ``search`` call; larger requests are split across batches.
         max_wait: seconds to wait for more requests when fewer than ``max_batch`` queries are queued.
+        quantum: most queries one request adds to a batch per round (default ``max_batch // 4``): while
+            others wait, a large request gets about a quarter of each batch; alone, all of it.
     """
 
-    def __init__(self, search: SearchFn, max_batch: int = 256, max_wait: float = 0.002) -> None:
+    def __init__(
+        self, search: SearchFn, max_batch: int = 256, max_wait: float = 0.002, quantum: int | None = None
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait < 0:
@@ -73,12 +112,14 @@ class MicroBatcher:
         self._search = search
         self.max_batch = max_batch
         self.max_wait = max_wait
+        self.quantum = max(1, quantum if quantum is not None else max_batch // 4)
         self.stats = BatchStats()
         self._queue: deque[_Pending] = deque()
         self._queued_queries = 0
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="retrieval-batch")
+        self._known_good: str | None = None  # a query answered before: tells a broken index from a bad query
 
     def start(self) -> None:
         """Start the worker on the running event loop."""
@@ -99,13 +140,14 @@ class MicroBatcher:
         self._executor.shutdown(wait=False)
 
     async def submit(self, queries: list[str], k: int) -> list[list[Doc]]:
-        """Search ``queries`` as part of the next batch."""
+        """Search ``queries`` as part of the next batches; raises :class:`QueryFailedError` naming a query
+        the retriever cannot answer, or the retriever's own error when it answers nothing."""
         if self._worker is None or self._arrived is None:
             raise RuntimeError("MicroBatcher.start() was not called")
         if not queries:
             return []
         future: asyncio.Future[list[list[Doc]]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(queries, k, future))
+        self._queue.append(_Pending(queries, k, future, [None] * len(queries)))
         self._queued_queries += len(queries)
         self._arrived.set()
         return await future
@@ -131,39 +173,110 @@ class MicroBatcher:
             if batch:
                 await self._execute(batch, loop)
 
-    def _take_batch(self) -> list[_Pending]:
-        batch: list[_Pending] = []
-        size = 0
-        while self._queue and (not batch or size + len(self._queue[0].queries) <= self.max_batch):
-            pending = self._queue.popleft()
-            self._queued_queries -= len(pending.queries)
-            if pending.future.done():  # the client went away
-                continue
-            batch.append(pending)
-            size += len(pending.queries)
-        return batch
+    def _take_batch(self) -> list[_Slice]:
+        """Up to ``max_batch`` queries, in rounds of at most ``quantum`` per request (see module doc)."""
+        slices: list[_Slice] = []
+        room = self.max_batch
+        while room and self._queue:
+            for _ in range(len(self._queue)):  # one round
+                if not room:
+                    break
+                pending = self._queue.popleft()
+                if pending.future.done():  # the client went away (or an earlier slice failed)
+                    self._queued_queries -= pending.remaining
+                    continue
+                take = min(pending.remaining, self.quantum, room)
+                slices.append(_Slice(pending, pending.taken, pending.taken + take))
+                pending.taken += take
+                self._queued_queries -= take
+                room -= take
+                if pending.remaining:
+                    self._queue.append(pending)
+        return slices
 
-    async def _execute(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
-        distinct = list(dict.fromkeys(q for pending in batch for q in pending.queries))
-        k = max(pending.k for pending in batch)
+    async def _execute(self, batch: list[_Slice], loop: asyncio.AbstractEventLoop) -> None:
+        distinct = list(
+            dict.fromkeys(q for part in batch for q in part.pending.queries[part.start : part.stop])
+        )
+        k = max(part.pending.k for part in batch)
         started = loop.time()
         try:
-            found = await loop.run_in_executor(self._executor, self._search, distinct, k)
-        except Exception as err:  # every waiting request gets the error
+            found = dict(
+                zip(
+                    distinct,
+                    await loop.run_in_executor(self._executor, self._search, distinct, k),
+                    strict=True,
+                )
+            )
+            failed: dict[str, BaseException] = {}
+            if distinct:
+                self._known_good = distinct[0]
+        except Exception as err:
             self.stats.errors += 1
-            logger.exception("batched search of %d queries failed", len(distinct))
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(err)
-            return
-        by_query = dict(zip(distinct, found, strict=True))
+            logger.warning(
+                "batched search of %d queries failed (%s); isolating the cause", len(distinct), err
+            )
+            found, failed = await loop.run_in_executor(self._executor, self._isolate, distinct, k, err)
         stats = self.stats
         stats.batches += 1
-        stats.requests += len(batch)
         stats.queries += len(distinct)
         stats.largest_batch = max(stats.largest_batch, len(distinct))
         stats.sizes.append(len(distinct))
         stats.search_seconds += loop.time() - started
-        for pending in batch:
-            if not pending.future.done():
-                pending.future.set_result([by_query[q][: pending.k] for q in pending.queries])
+        stats.failed_queries += len(failed)
+        for part in batch:
+            self._deliver(part, found, failed)
+
+    def _deliver(self, part: _Slice, found: dict[str, list[Doc]], failed: dict[str, BaseException]) -> None:
+        pending = part.pending
+        if pending.future.done():
+            return
+        for index in range(part.start, part.stop):
+            query = pending.queries[index]
+            error = failed.get(query)
+            if error is not None:
+                pending.future.set_exception(error)
+                return
+            pending.results[index] = found[query][: pending.k]
+        pending.answered += part.stop - part.start
+        if pending.answered == len(pending.queries):
+            self.stats.requests += 1
+            pending.future.set_result(pending.results)  # type: ignore[arg-type]
+
+    def _isolate(
+        self, queries: list[str], k: int, error: BaseException
+    ) -> tuple[dict[str, list[Doc]], dict[str, BaseException]]:
+        """After ``search(queries)`` raised ``error``: answers for every query that can be answered and,
+        for each that cannot, a :class:`QueryFailedError`. Runs in the worker thread."""
+        index_works = False
+        if self._known_good is not None and self._known_good not in queries:
+            try:
+                self._search([self._known_good], 1)
+                index_works = True
+            except Exception:  # the index fails on a query it answered before: nothing is the batch's fault
+                logger.exception("the retriever fails on every query")
+                return {}, dict.fromkeys(queries, error)
+        found: dict[str, list[Doc]] = {}
+        failed: dict[str, BaseException] = {}
+
+        def bisect(part: list[str], part_error: BaseException | None) -> None:
+            if part_error is None:
+                try:
+                    found.update(zip(part, self._search(part, k), strict=True))
+                    self._known_good = part[0]
+                    return
+                except Exception as err:
+                    part_error = err
+            if len(part) == 1:
+                failed[part[0]] = QueryFailedError(part[0], part_error)
+                return
+            middle = len(part) // 2
+            bisect(part[:middle], None)
+            bisect(part[middle:], None)
+
+        bisect(queries, error)
+        if not found and not index_works:  # nothing ever worked: a broken index, not bad queries
+            return {}, dict.fromkeys(queries, error)
+        for query, failure in failed.items():
+            logger.warning("query %r cannot be searched: %s", query[:200], failure)
+        return found, failed

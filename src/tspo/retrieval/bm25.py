@@ -230,6 +230,12 @@ class BM25Retriever:
         vocab = self.vocab
         return np.array([vocab[t] for t in self.analyzer.terms(query) if t in vocab], dtype=np.int64)
 
+    def query_windows(self) -> list[Any]:
+        """Where an over-long query is cut: the first 1,024 analyzer words (see :mod:`tspo.retrieval.window`)."""
+        from tspo.retrieval.window import TermWindow
+
+        return [TermWindow(self.analyzer.config.pattern)]
+
     def search(self, queries: list[str], k: int) -> list[list[Doc]]:
         """Top-``k`` passages of each query, sorted by ``(-score, id)``."""
         queries = check_queries(queries)

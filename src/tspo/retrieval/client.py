@@ -7,6 +7,11 @@
 * per-request timeout; retries with exponential backoff and jitter on connection errors, timeouts,
   429 and 5xx (a server restarting or still loading its index answers 503) -- never on other 4xx,
   which mean the request itself is wrong;
+* a time-based retry budget (``retry_budget_s``, default 5 minutes, long enough for a server to be
+  restarted and reload a large index): retries go on until the budget is spent *and* at least
+  ``retries`` were made, so callers that only pass ``retries`` (the verl agent loop) get it too; after a
+  connection failure or a 503 the client waits on ``GET /health`` (one poll per event loop, shared by
+  every waiting request) instead of hammering ``/retrieve``;
 * after the last retry a :class:`~tspo.retrieval.base.RetrievalUnavailableError` naming the URL;
 * an optional LRU cache of ``(query, k)`` results, the same one the server and ``CachedRetriever`` use.
 
@@ -134,6 +139,7 @@ class _LoopState:
     loop: weakref.ref[asyncio.AbstractEventLoop]
     client: Any
     coalescer: _Coalescer
+    health_wait: asyncio.Task[bool] | None = None
 
 
 class HTTPRetriever:
@@ -142,8 +148,11 @@ class HTTPRetriever:
     Args:
         url: server base URL (``http://127.0.0.1:8000``) or the full ``.../retrieve`` endpoint.
         timeout: seconds allowed for one request (connect, send, wait, read).
-        retries: further attempts after the first fails with a retryable error.
+        retries: further attempts after the first fails with a retryable error, made even when
+            ``retry_budget_s`` is spent.
         token: bearer token, if the server wants one.
+        retry_budget_s: keep retrying a failed request until this many seconds have passed since its
+            first attempt (default 300: a server restart plus an index reload); 0 counts ``retries`` only.
         backoff: delay before the first retry; doubles each retry (with jitter) up to ``max_backoff``.
         batch_size: most queries per request (keep it at or below the server's ``max_queries``).
         max_connections: connection pool size per event loop.
@@ -161,6 +170,7 @@ class HTTPRetriever:
         timeout: float = 30.0,
         retries: int = 5,
         token: str | None = None,
+        retry_budget_s: float = 300.0,
         backoff: float = 0.25,
         max_backoff: float = 8.0,
         batch_size: int = 256,
@@ -170,15 +180,24 @@ class HTTPRetriever:
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"retrieval server URL must start with http:// or https://, got {url!r}")
-        if retries < 0 or timeout <= 0 or batch_size < 1 or max_connections < 1 or coalesce_ms < 0:
+        if (
+            retries < 0
+            or retry_budget_s < 0
+            or timeout <= 0
+            or batch_size < 1
+            or max_connections < 1
+            or coalesce_ms < 0
+        ):
             raise ValueError(
-                "retries and coalesce_ms must be >= 0, timeout > 0, batch_size and max_connections >= 1"
+                "retries, retry_budget_s and coalesce_ms must be >= 0, timeout > 0, batch_size and "
+                "max_connections >= 1"
             )
         base = url.rstrip("/")
         self.endpoint = base if base.endswith("/retrieve") else base + "/retrieve"
         self.url = self.endpoint[: -len("/retrieve")]
         self.timeout = timeout
         self.retries = retries
+        self.retry_budget_s = retry_budget_s
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.batch_size = batch_size
@@ -251,6 +270,8 @@ class HTTPRetriever:
         """Close the connection pool of the running event loop."""
         state = self._loops.pop(id(asyncio.get_running_loop()), None)
         if state is not None:
+            if state.health_wait is not None:
+                state.health_wait.cancel()
             await state.client.aclose()
 
     # ---------------------------------------------------------------- internals
@@ -285,17 +306,21 @@ class HTTPRetriever:
 
         client = self._state().client
         body = dumps({"queries": queries, "topk": k, "return_scores": True})
-        attempts = self.retries + 1
         started = time.monotonic()
+        deadline = started + self.retry_budget_s
         last_error = ""
-        for attempt in range(attempts):
+        attempt = 0
+        while True:
+            attempt += 1
             self.stats["requests"] += 1
+            server_down = False
             try:
                 response = await client.post(self.endpoint, content=body)
             except (
                 httpx.TransportError
             ) as err:  # connect / read / write errors, timeouts, dropped connections
                 last_error = _describe(err)
+                server_down = not isinstance(err, httpx.TimeoutException)
             else:
                 status = response.status_code
                 if status == 200:
@@ -311,23 +336,64 @@ class HTTPRetriever:
                         f"{self.endpoint} rejected the request (HTTP {status}): {message}"
                     )
                 last_error = f"HTTP {status}: {message}"
-            if attempt + 1 < attempts:
-                self.stats["retries"] += 1
-                delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
-                logger.warning(
-                    "retrieval request to %s failed (%s); retry %d/%d in %.2fs",
-                    self.endpoint,
-                    last_error,
-                    attempt + 1,
-                    self.retries,
-                    delay,
-                )
-                await asyncio.sleep(delay)
+                server_down = status == 503
+            now = time.monotonic()
+            if attempt > self.retries and now >= deadline:
+                break
+            self.stats["retries"] += 1
+            delay = min(self.max_backoff, self.backoff * 2 ** min(attempt - 1, 30)) * random.uniform(0.5, 1.0)
+            if attempt > self.retries:  # only the budget keeps this going: never sleep past it
+                delay = min(delay, deadline - now)
+            logger.warning(
+                "retrieval request to %s failed (%s); retry %d in %.2fs (%.0fs of the %.0fs budget left)",
+                self.endpoint,
+                last_error,
+                attempt,
+                delay,
+                max(0.0, deadline - now),
+                self.retry_budget_s,
+            )
+            await asyncio.sleep(delay)
+            if server_down and time.monotonic() < deadline:
+                await self._wait_for_health(deadline)
         self.stats["failures"] += 1
         raise RetrievalUnavailableError(
-            f"retrieval server {self.endpoint} failed after {attempts} attempt(s) over "
+            f"retrieval server {self.endpoint} failed after {attempt} attempt(s) over "
             f"{time.monotonic() - started:.1f}s: {last_error}"
         )
+
+    async def _wait_for_health(self, deadline: float) -> None:
+        """Wait (at most until ``deadline``) for ``GET /health`` to answer 200; one poll per event loop,
+        shared by every request waiting on it."""
+        state = self._state()
+        if state.health_wait is None or state.health_wait.done():
+            state.health_wait = asyncio.get_running_loop().create_task(
+                self._poll_health(state.client, time.monotonic() + self.retry_budget_s)
+            )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(state.health_wait), remaining)
+        except Exception:  # timed out, or the poll failed: the retry itself tells what is wrong
+            return
+
+    async def _poll_health(self, client: Any, until: float) -> bool:
+        """Poll ``/health`` until 200 (True), or ``until`` passes (False). A server without ``/health``
+        (Search-R1's own) answers 404 or 405: nothing to wait on, so return at once."""
+        import httpx
+
+        delay = min(self.backoff, 0.5)
+        while time.monotonic() < until:
+            try:
+                response = await client.get(self.url + "/health", timeout=min(5.0, self.timeout))
+                if response.status_code == 200 or response.status_code in (404, 405):
+                    return True
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 1.5)
+        return False
 
 
 def _describe(err: BaseException) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tspo.doc import Doc
+from tspo.retrieval.passage import doc_from_contents, passage_id
 
 try:  # orjson parses wiki-18 about 3x faster; the standard library is the fallback.
     import orjson
@@ -46,7 +47,9 @@ def doc_from_record(record: object) -> Doc:
     """Turn one parsed JSON record into a ``Doc``; raise ``ValueError`` naming what is wrong.
 
     ``{"title", "text"}`` is taken as given (newlines in a title become spaces, so ``contents`` stays
-    ``"title\\ntext"``); ``{"contents"}`` is split at its first newline by ``Doc.from_contents``.
+    ``"title\\ntext"``); ``{"contents"}`` is split at its first newline so that ``doc.contents`` is the
+    line's ``contents`` byte for byte (see :mod:`tspo.retrieval.passage`). An integer id stays an
+    integer on the wire (:class:`~tspo.retrieval.passage.JsonIntId`).
     """
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
@@ -55,7 +58,7 @@ def doc_from_record(record: object) -> Doc:
     doc_id = record["id"]
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
         raise ValueError(f'"id" must be a string or an integer, got {type(doc_id).__name__}')
-    doc_id = str(doc_id)
+    doc_id = passage_id(doc_id)
     if "text" in record:
         text, title = record["text"], record.get("title", "")
         if not isinstance(text, str) or not isinstance(title, str):
@@ -65,7 +68,7 @@ def doc_from_record(record: object) -> Doc:
         contents = record["contents"]
         if not isinstance(contents, str):
             raise ValueError(f'"contents" must be a string, got {type(contents).__name__}')
-        return Doc.from_contents(doc_id, contents)
+        return doc_from_contents(doc_id, contents)
     raise ValueError('expected "contents" or "title" + "text"')
 
 

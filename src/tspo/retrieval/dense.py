@@ -28,7 +28,7 @@ import numpy as np
 from tspo.retrieval.base import Doc, check_k, check_queries
 from tspo.retrieval.docstore import DocStore, DocStoreWriter
 from tspo.retrieval.embeddings import EmbeddingChunks
-from tspo.retrieval.encoder import EncoderConfig, SentenceEncoder
+from tspo.retrieval.encoder import E5_PASSAGE_PREFIX, E5_QUERY_PREFIX, EncoderConfig, SentenceEncoder
 from tspo.retrieval.index_io import atomic_directory, format_bytes, read_manifest, write_manifest
 
 __all__ = ["INDEX_TYPES", "DenseRetriever", "dense_memory_estimate"]
@@ -127,7 +127,7 @@ class DenseRetriever:
 
         Args:
             docs: passages, e.g. ``read_corpus(path)``; must come in the same order when resuming.
-            encoder: the encoder, its config, or a model path / name (E5 prefixes by default).
+            encoder: the encoder, its config, or a model path / name (E5 prefixes for E5 models only).
             index_type: "flat", "hnsw" or "ivf". fp16: store vectors in half precision.
             work_dir: save passage text and embedding chunks there; a rerun with the same directory
                 skips chunks already encoded. ``None`` keeps everything in memory.
@@ -285,7 +285,9 @@ class DenseRetriever:
         started = time.perf_counter()
         index = _read_faiss(directory / "index.faiss", mmap)
         if encoder is None:
-            encoder = SentenceEncoder(EncoderConfig(**manifest["encoder"], device=device))
+            # Manifests written before the prefixes were recorded meant E5's (the old default).
+            settings = {"query_prefix": E5_QUERY_PREFIX, "passage_prefix": E5_PASSAGE_PREFIX}
+            encoder = SentenceEncoder(EncoderConfig(**{**settings, **manifest["encoder"]}, device=device))
         elif not isinstance(encoder, SentenceEncoder):
             encoder = SentenceEncoder(encoder)
         if encoder.dim != params["dim"]:
@@ -305,6 +307,10 @@ class DenseRetriever:
         if self.params["index_type"] == "ivf":
             return lambda k: faiss.SearchParametersIVF(nprobe=self.params["nprobe"])
         return lambda k: None
+
+    def query_windows(self) -> list[Any]:
+        """Where an over-long query is cut: the encoder's token window (see :mod:`tspo.retrieval.window`)."""
+        return [self.encoder.query_window()]
 
     def search(self, queries: list[str], k: int) -> list[list[Doc]]:
         """Top-``k`` passages of each query by cosine similarity, sorted by ``(-score, id)``."""

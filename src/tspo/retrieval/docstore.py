@@ -6,7 +6,13 @@ A store is five files in an index directory:
 * ``docs.offsets.npy`` -- int64 ``(N + 1,)`` byte offsets into ``docs.bin``;
 * ``ids.bin`` / ``ids.offsets.npy`` -- the passage ids, likewise;
 * ``ids.rank.npy`` -- int32/int64 ``(N,)`` rank of each id in plain string order, so the search kernels
-  break score ties by id with one integer comparison.
+  break score ties by id with one integer comparison;
+* ``store.json`` -- the layout version and which ids were JSON integers (``"none"``, ``"all"`` or
+  ``"some"``, then ``ids.int.npy`` holds the bit-packed mask).
+
+Layout 2 (with ``store.json``) stores each passage's ``contents`` exactly as the corpus had it, so an
+empty first line (empty title) survives; layout 1 (stores written before ``store.json`` existed) stored
+``title + "\\n" + text`` and is read as before.
 
 Loading maps the files (nothing is copied into Python strings), so a 21M-passage wiki-18 store costs
 page cache, not resident memory. Passages are written one at a time while the corpus streams in.
@@ -14,6 +20,7 @@ page cache, not resident memory. Passages are written one at a time while the co
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import shutil
@@ -25,12 +32,16 @@ from typing import BinaryIO
 import numpy as np
 
 from tspo.doc import Doc
+from tspo.retrieval.passage import JsonIntId, doc_from_contents
 
 __all__ = ["DocStore", "DocStoreWriter", "rank_ids"]
 
 ByteSource = bytes | bytearray | mmap.mmap
 
 _FILES = ("docs.bin", "docs.offsets.npy", "ids.bin", "ids.offsets.npy", "ids.rank.npy")
+# Written by layout 2; absent from (and not needed by) stores of layout 1.
+_OPTIONAL_FILES = ("store.json", "ids.int.npy")
+_LAYOUT = 2
 # Ids up to this many bytes are ranked with a vectorised fixed-width sort; longer ones fall back to Python.
 _MAX_FIXED_ID_BYTES = 64
 _RANK_CHUNK = 1 << 20
@@ -84,6 +95,9 @@ class DocStore:
         id_offsets: np.ndarray,
         id_rank: np.ndarray,
         source_dir: Path | None = None,
+        layout: int = _LAYOUT,
+        int_ids: str = "none",
+        int_mask: np.ndarray | None = None,
     ) -> None:
         self._docs = docs
         self._doc_offsets = doc_offsets
@@ -91,6 +105,9 @@ class DocStore:
         self._id_offsets = id_offsets
         self.id_rank = id_rank
         self._source_dir = source_dir
+        self.layout = layout
+        self._int_ids = int_ids  # "none" | "all" | "some" (then int_mask is the packed bit mask)
+        self._int_mask = int_mask
 
     def __len__(self) -> int:
         return len(self._doc_offsets) - 1
@@ -104,12 +121,20 @@ class DocStore:
 
     def doc_id(self, index: int) -> str:
         start, stop = int(self._id_offsets[index]), int(self._id_offsets[index + 1])
-        return bytes(self._ids[start:stop]).decode("utf-8")
+        text = bytes(self._ids[start:stop]).decode("utf-8")
+        if self._int_ids == "none":
+            return text
+        if self._int_ids == "all" or (int(self._int_mask[index >> 3]) >> (7 - (index & 7))) & 1:  # type: ignore[index]
+            return JsonIntId(text)
+        return text
 
     def get(self, index: int, score: float = 0.0) -> Doc:
         """The passage at position ``index`` with ``score`` attached."""
         start, stop = int(self._doc_offsets[index]), int(self._doc_offsets[index + 1])
-        title, _, text = bytes(self._docs[start:stop]).decode("utf-8").partition("\n")
+        body = bytes(self._docs[start:stop]).decode("utf-8")
+        if self.layout >= 2:
+            return doc_from_contents(self.doc_id(index), body, float(score))
+        title, _, text = body.partition("\n")
         return Doc(id=self.doc_id(index), title=title, text=text, score=float(score))
 
     def get_many(
@@ -122,9 +147,9 @@ class DocStore:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self._source_dir is not None:
-            for name in _FILES:
+            for name in _FILES + _OPTIONAL_FILES:
                 source, target = self._source_dir / name, directory / name
-                if source.resolve() == target.resolve():
+                if not source.exists() or source.resolve() == target.resolve():
                     continue
                 target.unlink(missing_ok=True)
                 try:
@@ -137,6 +162,7 @@ class DocStore:
         np.save(directory / "docs.offsets.npy", np.asarray(self._doc_offsets))
         np.save(directory / "ids.offsets.npy", np.asarray(self._id_offsets))
         np.save(directory / "ids.rank.npy", np.asarray(self.id_rank))
+        _write_layout(directory, self.layout, self._int_ids, self._int_mask)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], mmap_files: bool = True) -> DocStore:
@@ -146,6 +172,16 @@ class DocStore:
         if missing:
             raise FileNotFoundError(f"passage store incomplete in {directory}: missing {', '.join(missing)}")
         mode = "r" if mmap_files else None
+        layout, int_ids, int_mask = 1, "none", None
+        if (directory / "store.json").is_file():
+            meta = json.loads((directory / "store.json").read_text())
+            layout, int_ids = int(meta["layout"]), str(meta.get("int_ids", "none"))
+            if layout > _LAYOUT:
+                raise ValueError(
+                    f"passage store {directory} has layout {layout}; this tspo reads <= {_LAYOUT}"
+                )
+            if int_ids == "some":
+                int_mask = np.load(directory / "ids.int.npy")
         return cls(
             docs=_map_or_read(directory / "docs.bin", mmap_files),
             doc_offsets=np.load(directory / "docs.offsets.npy", mmap_mode=mode),
@@ -153,7 +189,28 @@ class DocStore:
             id_offsets=np.load(directory / "ids.offsets.npy", mmap_mode=mode),
             id_rank=np.load(directory / "ids.rank.npy", mmap_mode=mode),
             source_dir=directory,
+            layout=layout,
+            int_ids=int_ids,
+            int_mask=int_mask,
         )
+
+
+def _write_layout(directory: Path, layout: int, int_ids: str, int_mask: np.ndarray | None) -> None:
+    if int_ids == "some":
+        assert int_mask is not None
+        np.save(directory / "ids.int.npy", np.asarray(int_mask))
+    (directory / "store.json").write_text(json.dumps({"layout": layout, "int_ids": int_ids}) + "\n")
+
+
+def _int_id_summary(positions: array, n: int) -> tuple[str, np.ndarray | None]:
+    """(``"none" | "all" | "some"``, packed mask for "some") of the positions whose id was an integer."""
+    if not positions:
+        return "none", None
+    if len(positions) == n:
+        return "all", None
+    mask = np.zeros(n, dtype=bool)
+    mask[np.frombuffer(positions, dtype=np.int64)] = True
+    return "some", np.packbits(mask)
 
 
 def _map_or_read(path: Path, use_mmap: bool) -> ByteSource:
@@ -174,6 +231,7 @@ class DocStoreWriter:
         self._ids_file: BinaryIO | None = None
         self._docs_mem = bytearray()
         self._ids_mem = bytearray()
+        self._int_positions = array("q")
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             # Kept open across add() calls and closed by finish() / abort().
@@ -185,8 +243,10 @@ class DocStoreWriter:
 
     def add(self, doc: Doc) -> int:
         """Append ``doc``; return its position."""
-        body = f"{doc.title}\n{doc.text}".encode()
+        body = doc.contents.encode()
         key = doc.id.encode()
+        if type(doc.id) is JsonIntId:
+            self._int_positions.append(len(self._doc_offsets) - 1)
         if self._docs_file is not None and self._ids_file is not None:
             self._docs_file.write(body)
             self._ids_file.write(key)
@@ -201,10 +261,12 @@ class DocStoreWriter:
         """Close the files, rank the ids and return the finished store."""
         doc_offsets = np.frombuffer(self._doc_offsets, dtype=np.int64).copy()
         id_offsets = np.frombuffer(self._id_offsets, dtype=np.int64).copy()
+        int_ids, int_mask = _int_id_summary(self._int_positions, len(self))
         if self.directory is None:
             docs, ids = bytes(self._docs_mem), bytes(self._ids_mem)
             self._docs_mem, self._ids_mem = bytearray(), bytearray()
-            return DocStore(docs, doc_offsets, ids, id_offsets, rank_ids(ids, id_offsets))
+            rank = rank_ids(ids, id_offsets)
+            return DocStore(docs, doc_offsets, ids, id_offsets, rank, int_ids=int_ids, int_mask=int_mask)
         assert self._docs_file is not None and self._ids_file is not None
         self._docs_file.close()
         self._ids_file.close()
@@ -212,6 +274,7 @@ class DocStoreWriter:
         np.save(self.directory / "ids.offsets.npy", id_offsets)
         ids_blob = _map_or_read(self.directory / "ids.bin", True)
         np.save(self.directory / "ids.rank.npy", rank_ids(ids_blob, id_offsets))
+        _write_layout(self.directory, _LAYOUT, int_ids, int_mask)
         return DocStore.load(self.directory)
 
     def abort(self) -> None:

@@ -1,24 +1,46 @@
-"""Sentence-transformers text encoder with E5-style prefixes.
+"""Sentence-transformers text encoder, with E5's prefixes where the model is an E5 model.
 
 E5 models (Wang et al. 2022, "Text Embeddings by Weakly-Supervised Contrastive Pre-training") expect
 ``"query: "`` before queries and ``"passage: "`` before passages; Search-R1's wiki-18 index uses
-``intfloat/e5-base-v2`` that way. Other encoders want other prefixes or none, so both are settings and
-are saved with the index. Embeddings are L2-normalised, so inner product = cosine similarity.
+``intfloat/e5-base-v2`` that way. Other encoders (all-MiniLM-L6-v2, ...) were trained without prefixes,
+so by default the prefixes are E5's for E5-family models and empty otherwise; either can be set
+explicitly. The resolved prefixes are saved with the index. Embeddings are L2-normalised, so inner
+product = cosine similarity.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["EncoderConfig", "SentenceEncoder"]
+from tspo.retrieval.window import TokenWindow
+
+__all__ = ["E5_PASSAGE_PREFIX", "E5_QUERY_PREFIX", "EncoderConfig", "SentenceEncoder", "is_e5_model"]
 
 logger = logging.getLogger(__name__)
+
+E5_QUERY_PREFIX = "query: "
+E5_PASSAGE_PREFIX = "passage: "
+_E5_NAME = re.compile(r"(^|[^a-z0-9])e5([^a-z0-9]|$)")
+
+
+def is_e5_model(model: str) -> bool:
+    """Whether ``model`` (hub name or local directory) is an E5-family encoder: ``e5`` is a word of its
+    name, or of the ``_name_or_path`` recorded in a local directory's ``config.json``."""
+    names = [model.lower()]
+    config = Path(model) / "config.json"
+    if config.is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            names.append(str(json.loads(config.read_text()).get("_name_or_path", "")).lower())
+    return any(_E5_NAME.search(name) for name in names)
 
 
 @dataclass(frozen=True)
@@ -27,8 +49,9 @@ class EncoderConfig:
 
     Attributes:
         model: local directory or hub name of a sentence-transformers model.
-        query_prefix: prepended to every query (E5: ``"query: "``).
-        passage_prefix: prepended to every passage (E5: ``"passage: "``).
+        query_prefix: prepended to every query; ``None`` (default): ``"query: "`` for E5-family models
+            (:func:`is_e5_model`), else none.
+        passage_prefix: prepended to every passage; ``None``: ``"passage: "`` for E5, else none.
         normalize: L2-normalise embeddings (inner product becomes cosine).
         max_length: truncate inputs to this many tokens (``None``: the model's own limit).
         batch_size: texts per forward pass.
@@ -37,13 +60,21 @@ class EncoderConfig:
     """
 
     model: str
-    query_prefix: str = "query: "
-    passage_prefix: str = "passage: "
+    query_prefix: str | None = None
+    passage_prefix: str | None = None
     normalize: bool = True
     max_length: int | None = 256
     batch_size: int = 64
     device: str | None = field(default=None, compare=False)
     half: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.query_prefix is None or self.passage_prefix is None:
+            e5 = is_e5_model(self.model)
+            if self.query_prefix is None:
+                object.__setattr__(self, "query_prefix", E5_QUERY_PREFIX if e5 else "")
+            if self.passage_prefix is None:
+                object.__setattr__(self, "passage_prefix", E5_PASSAGE_PREFIX if e5 else "")
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the embeddings (device and precision of the run excluded)."""
@@ -102,8 +133,14 @@ class SentenceEncoder:
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
         """(len(queries), d) float32."""
-        return self._encode([self.config.query_prefix + q for q in queries])
+        return self._encode([f"{self.config.query_prefix}{q}" for q in queries])
 
     def encode_passages(self, passages: list[str]) -> np.ndarray:
         """(len(passages), d) float32 of ``contents`` strings (``"title\\ntext"``)."""
-        return self._encode([self.config.passage_prefix + p for p in passages])
+        return self._encode([f"{self.config.passage_prefix}{p}" for p in passages])
+
+    def query_window(self) -> TokenWindow:
+        """The window a query is read through: ``max_seq_length`` tokens, prefix included."""
+        return TokenWindow(
+            self.model.tokenizer, int(self.model.max_seq_length), self.config.query_prefix or ""
+        )

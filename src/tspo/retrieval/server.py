@@ -8,10 +8,19 @@ Endpoints:
   ``"loading"`` (or ``"failed"`` and the error) before that. The server listens while the index loads.
 * ``GET /stats`` -- request, batch and cache counters.
 
-Requests are checked before any work: body size (413), JSON (400), fields, number of queries, query
-length and ``topk`` (422), bearer token when one is set (401); every error is a JSON object
-``{"error": "..."}``. Queries already answered come from an LRU cache keyed by ``(query, topk)``; the
-rest go through a :class:`~tspo.retrieval.batching.MicroBatcher` that coalesces concurrent requests.
+Requests are checked before any work: bearer token when one is set (401, scheme case-insensitive),
+body size in bytes (413), JSON syntax and depth (400), fields and ``topk`` (422); every error is a JSON
+object ``{"error": "..."}``, whatever raised it. Queries longer than the retriever reads (the encoder's
+token window, BM25's 1,024 words, and ``max_query_chars``) are cut, as Search-R1's tokenizer does, and
+counted in the ``X-Truncated-Queries`` header; lone surrogates become U+FFFD (``X-Repaired-Queries``).
+Queries already answered come from an LRU cache keyed by ``(query, topk)``; the rest go through a
+:class:`~tspo.retrieval.batching.MicroBatcher` that coalesces concurrent requests, splits large ones
+into slices interleaved with everyone else's, and, when a batch fails, fails only the request whose
+query caused it (422 naming it).
+
+Connections: idle ones close after ``keep_alive_s``, a request head must arrive within
+``header_timeout_s`` and its body within ``body_timeout_s`` (408), and at most ``max_connections`` are
+open at once (503 with ``Retry-After`` beyond); see :mod:`tspo.retrieval.connections`.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import gc
 import hmac
 import inspect
 import logging
+import resource
 import socket
 import threading
 import time
@@ -34,8 +44,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from tspo.retrieval.base import Doc, Retriever
-from tspo.retrieval.batching import MicroBatcher
+from tspo.retrieval.batching import MicroBatcher, QueryFailedError
 from tspo.retrieval.cache import LRUCache
+from tspo.retrieval.connections import guarded_protocol
+from tspo.retrieval.window import CharWindow, QueryWindow, apply_windows, needs_work
 from tspo.retrieval.wire import WireError, dumps, parse_request, results_to_wire
 
 __all__ = ["RetrievalService", "RunningServer", "ServerSettings", "create_app", "serve", "start_server"]
@@ -53,14 +65,19 @@ class ServerSettings:
         host: interface to bind; loopback unless you mean to expose the index.
         port: TCP port (0 picks a free one).
         token: when set, ``/retrieve`` and ``/stats`` need ``Authorization: Bearer <token>``.
-        default_topk: ``topk`` when a request leaves it out (Search-R1's default is 3).
+        default_topk: ``topk`` when a request leaves it out, or sends 0 or less (Search-R1's default is 3).
         max_topk: largest ``topk`` accepted.
-        max_queries: most queries in one request.
-        max_query_chars: longest query accepted, in characters.
-        max_body_bytes: largest request body accepted.
-        max_batch: most queries searched in one batched call.
+        max_queries: most queries in one request; ``None`` (default): bounded by ``max_body_bytes`` only,
+            so Search-R1's 512 x 5 = 2,560-query batches pass.
+        max_query_chars: queries are first cut to this many characters (then to the retriever's window).
+        max_body_bytes: largest request body accepted (16 MiB: about 100,000 short queries).
+        max_batch: most queries searched in one batched call; larger requests are split.
         max_wait_ms: how long a short batch waits for more requests.
         cache_size: LRU entries of ``(query, topk)`` results; 0 disables the cache.
+        keep_alive_s: an idle connection (none of a request received) is closed after this long.
+        header_timeout_s: a request head must be complete this long after its first byte.
+        body_timeout_s: a request body must be complete this long after its head (else 408).
+        max_connections: most connections open at once; one more gets 503 and is closed.
         telemetry: keep FastAPI's built-in OpenTelemetry spans, metrics and logs (recent FastAPI
             versions enable them by default; they cost a noticeable share of a request's CPU).
     """
@@ -70,29 +87,38 @@ class ServerSettings:
     token: str | None = None
     default_topk: int = 3
     max_topk: int = 100
-    max_queries: int = 1024
-    max_query_chars: int = 4096
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_queries: int | None = None
+    max_query_chars: int = 16384
+    max_body_bytes: int = 16 * 1024 * 1024
     max_batch: int = 256
     max_wait_ms: float = 2.0
     cache_size: int = 100_000
+    keep_alive_s: float = 30.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 2048
     telemetry: bool = False
 
     def __post_init__(self) -> None:
         for name in (
             "default_topk",
             "max_topk",
-            "max_queries",
             "max_query_chars",
             "max_body_bytes",
             "max_batch",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queries is not None and self.max_queries < 1:
+            raise ValueError(f"max_queries must be >= 1 (or None), got {self.max_queries}")
         if self.default_topk > self.max_topk:
             raise ValueError(f"default_topk ({self.default_topk}) exceeds max_topk ({self.max_topk})")
         if self.max_wait_ms < 0 or self.cache_size < 0:
             raise ValueError("max_wait_ms and cache_size must be >= 0")
+        for name in ("keep_alive_s", "header_timeout_s", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 class RetrievalService:
@@ -117,8 +143,13 @@ class RetrievalService:
         self.load_seconds: float | None = None
         self.cache = LRUCache(settings.cache_size)
         self.batcher: MicroBatcher | None = None
+        self.windows: list[QueryWindow] = [CharWindow(settings.max_query_chars)]
         self.requests = 0
         self.rejected = 0
+        self.failed = 0
+        self.truncated = 0
+        self.repaired = 0
+        self._truncation_logged = 0.0
         self.loaded = asyncio.Event()
 
     async def start(self) -> None:
@@ -142,6 +173,9 @@ class RetrievalService:
             # server: move it out of the collector's reach, so full collections stay short (no stalls).
             gc.collect()
             gc.freeze()
+        query_windows = getattr(retriever, "query_windows", None)
+        if query_windows is not None:
+            self.windows += query_windows()
         self.batcher = MicroBatcher(
             retriever.search, max_batch=self.settings.max_batch, max_wait=self.settings.max_wait_ms / 1000
         )
@@ -170,6 +204,20 @@ class RetrievalService:
         except TypeError:
             return None
 
+    async def fit_queries(self, queries: list[str]) -> tuple[list[str], int]:
+        """``queries`` cut to the retriever's windows, and how many were cut (logged now and then)."""
+        if not needs_work(queries, self.windows):
+            return queries, 0
+        # Tokenizing long queries takes a while: not on the event loop.
+        queries, cut = await asyncio.to_thread(apply_windows, queries, self.windows)
+        if cut:
+            self.truncated += cut
+            now = time.monotonic()
+            if now - self._truncation_logged > 60:
+                self._truncation_logged = now
+                logger.info("%d over-long queries cut to the retriever's window so far", self.truncated)
+        return queries, cut
+
     async def search(self, queries: list[str], k: int) -> list[list[Doc]]:
         cache = self.cache
         results: list[list[Doc] | None] = [cache.get((q, k)) for q in queries]
@@ -187,6 +235,9 @@ class RetrievalService:
             "status": self.status,
             "requests": self.requests,
             "rejected": self.rejected,
+            "failed": self.failed,
+            "truncated_queries": self.truncated,
+            "repaired_queries": self.repaired,
             "cache": self.cache.stats(),
             "batching": self.batcher.stats.as_dict() if self.batcher else None,
         }
@@ -222,13 +273,14 @@ def create_app(
         title="tspo retrieval", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, **options
     )
     app.state.service = service
-    expected_auth = f"Bearer {settings.token}".encode() if settings.token else None
+    expected_token = settings.token.encode() if settings.token else None
 
     def unauthorized(request: Request) -> Any:
-        if expected_auth is None:
+        if expected_token is None:
             return None
-        given = request.headers.get("authorization", "").encode()
-        if hmac.compare_digest(given, expected_auth):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        # RFC 9110: the scheme is case-insensitive ("bearer" is "Bearer").
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected_token):
             return None
         service.rejected += 1
         return _json(401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"})
@@ -239,6 +291,11 @@ def create_app(
         return _json(
             exc.status_code, {"error": f"{message}: {request.method} {request.url.path}"}, exc.headers
         )
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> Any:
+        logger.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
+        return _json(500, {"error": f"internal error: {type(exc).__name__}: {exc}"})
 
     # Plain Starlette routes: the handlers validate requests themselves, so FastAPI's per-request
     # dependency solving would be pure overhead on the hot path.
@@ -267,17 +324,17 @@ def create_app(
         if denied is not None:
             return denied
         try:
-            body = await _read_body(request, settings.max_body_bytes)
+            body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
             parsed = parse_request(
                 body,
                 default_topk=settings.default_topk,
                 max_topk=settings.max_topk,
                 max_queries=settings.max_queries,
-                max_query_chars=settings.max_query_chars,
             )
         except WireError as err:
             service.rejected += 1
-            return _json(err.status, {"error": err.message})
+            headers = {"Connection": "close"} if err.status == 408 else None
+            return _json(err.status, {"error": err.message}, headers)
         if service.status != "ready":
             message = (
                 "index is still loading"
@@ -285,11 +342,23 @@ def create_app(
                 else f"index failed to load: {service.error}"
             )
             return _json(503, {"error": message}, {"Retry-After": "1"})
+        queries, cut = await service.fit_queries(parsed.queries)
+        service.repaired += parsed.repaired
         try:
-            results = await service.search(parsed.queries, parsed.topk)
+            results = await service.search(queries, parsed.topk)
+        except QueryFailedError as err:
+            service.failed += 1
+            index = queries.index(err.query)
+            return _json(422, {"error": f'"queries[{index}]" cannot be searched: {err}'})
         except Exception as err:
+            service.failed += 1
             return _json(500, {"error": f"search failed: {type(err).__name__}: {err}"})
-        return _json(200, results_to_wire(results, parsed.return_scores))
+        headers = {}
+        if cut:
+            headers["X-Truncated-Queries"] = str(cut)
+        if parsed.repaired:
+            headers["X-Repaired-Queries"] = str(parsed.repaired)
+        return _json(200, results_to_wire(results, parsed.return_scores), headers or None)
 
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/stats", stats, methods=["GET"])
@@ -297,8 +366,9 @@ def create_app(
     return app
 
 
-async def _read_body(request: Any, limit: int) -> bytes:
-    """The request body, refusing (413) more than ``limit`` bytes whether or not Content-Length is sent."""
+async def _read_body(request: Any, limit: int, timeout: float) -> bytes:
+    """The request body, refusing (413) more than ``limit`` bytes whether or not Content-Length is sent,
+    and (408) a body still incomplete after ``timeout`` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -309,11 +379,17 @@ async def _read_body(request: Any, limit: int) -> bytes:
             raise WireError(413, f"request body of {size} bytes exceeds the {limit}-byte limit")
     chunks = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise WireError(413, f"request body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise WireError(413, f"request body exceeds the {limit}-byte limit")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise WireError(
+            408, f"request body incomplete after {timeout:g}s ({received} bytes received)"
+        ) from None
     return b"".join(chunks)
 
 
@@ -339,9 +415,10 @@ def _uvicorn_server(app: Any, settings: ServerSettings, log_level: str) -> Any:
 
     config = uvicorn.Config(
         app,
+        http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
         log_level=log_level,
         access_log=False,
-        timeout_keep_alive=30,
+        timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
         backlog=2048,
         lifespan="on",
         proxy_headers=False,  # no proxy in front by default; saves a middleware per request
@@ -349,6 +426,24 @@ def _uvicorn_server(app: Any, settings: ServerSettings, log_level: str) -> Any:
         date_header=False,
     )
     return uvicorn.Server(config)
+
+
+def _allow_open_files(needed: int) -> None:
+    """Raise this process's open-file limit to ``needed`` where the hard limit allows (one per connection)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < needed:
+        logger.warning(
+            "open-file limit %d is below --max-connections + 256 = %d; raise it (ulimit -n) or lower the cap",
+            target,
+            needed,
+        )
 
 
 def _run_event_loop(main: Coroutine[Any, Any, Any]) -> Any:
@@ -370,6 +465,7 @@ def serve(
         logger.warning(
             "listening on %s without a token: anyone who can reach it can query the index", settings.host
         )
+    _allow_open_files(settings.max_connections + 256)
     app = create_app(source, settings, freeze_gc=True)
     service: RetrievalService = app.state.service
     server = _uvicorn_server(app, settings, log_level)
