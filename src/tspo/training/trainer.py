@@ -9,6 +9,7 @@ policy back to the last good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -44,7 +45,7 @@ from tspo.scoring import (
 from tspo.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tspo.training.config import TrainConfig
 from tspo.training.metrics import MetricsLogger
-from tspo.training.policy import batched_logprobs
+from tspo.training.policy import autocast_context, batched_logprobs
 from tspo.training.progress import NoSignalMonitor, Progress, step_line
 from tspo.training.prompts import PromptSampler, choose_worked_examples, worked_examples_to_json
 from tspo.training.schedules import linear_warmup
@@ -307,14 +308,15 @@ class Trainer:
                 for j in range(cfg.trainer.group_size)
             ]
             next_group += len(examples)
-            result = run_rollouts(
-                self.resources.engine,
-                self.resources.tokenizer,
-                self.resources.retriever,
-                tasks,
-                cfg.rollout,
-                seed=cfg.trainer.seed * 100_003 + self.step * 101 + rounds,
-            )
+            with self._generation_precision():
+                result = run_rollouts(
+                    self.resources.engine,
+                    self.resources.tokenizer,
+                    self.resources.retriever,
+                    tasks,
+                    cfg.rollout,
+                    seed=cfg.trainer.seed * 100_003 + self.step * 101 + rounds,
+                )
             for key, value in result.timings.items():
                 timings[key] = timings.get(key, 0.0) + value
             for key, value in result.counters.items():
@@ -465,9 +467,12 @@ class Trainer:
         res, cfg = self.resources, self.config
         sampled = cfg.trainer.eval_sampled and cfg.rollout.temperature > 0
         total = len(res.eval_examples) * (2 if sampled else 1)
-        with Progress(
-            total, f"eval {tag}", "question", self._interactive, enabled=cfg.trainer.progress
-        ) as bar:
+        with (
+            Progress(
+                total, f"eval {tag}", "question", self._interactive, enabled=cfg.trainer.progress
+            ) as bar,
+            self._generation_precision(),
+        ):
             metrics = heldout_metrics(
                 res.engine,
                 res.tokenizer,
@@ -521,6 +526,11 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ the run
+    def _generation_precision(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for rollouts and evaluations when the run uses it for updates (trainer.bf16):
+        on a CPU with bf16 instructions generation is the other half of a step's time."""
+        return autocast_context(self.resources.device, self.resources.bf16)
+
     @property
     def _interactive(self) -> bool:
         """A live progress bar only on a terminal; otherwise progress is reported as log lines."""
