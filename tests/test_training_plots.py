@@ -191,3 +191,16 @@ def test_tspo_plot_through_the_cli_entry_point(tmp_path, capsys):
     )
     assert capsys.readouterr().out.split() == [str(tmp_path / "png" / "compare.png")]
     assert_real_png(tmp_path / "png" / "compare.png", min_bytes=5_000)
+
+
+def test_warm_start_loss_gets_its_own_figure(tmp_path):
+    run = tmp_path / "run"
+    with MetricsLogger(run) as sink:
+        for step in range(1, 41):  # the trainer logs the warm start at RL step 0, one line per SFT step
+            sink.log(0, {"warmstart/step": step, "warmstart/loss": 6.0 * math.exp(-step / 15) + 0.5})
+        sink.log(0, {"eval/greedy/em": 0.1, "eval/sampled/em": 0.05})
+        sink.log(1, {"reward/mean": 0.2})
+        sink.log(1, {"eval/greedy/em": 0.3, "eval/sampled/em": 0.25})
+    written = plot_run(run)
+    assert written[0].name == "warmstart.png"
+    assert_real_png(written[0], min_bytes=5_000)

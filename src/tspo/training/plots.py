@@ -45,7 +45,8 @@ FIGURES: dict[str, tuple[Panel, ...]] = {
     "curves.png": (
         Panel("Reward", ("reward/mean",), "mean reward"),
         Panel("Train EM (outcome)", ("outcome/mean",), "fraction correct"),
-        Panel("Held-out EM", ("eval/em", "eval/*/em"), "exact match", smooth=False),
+        # Greedy and sampled (runs before both were logged have eval/em only).
+        Panel("Held-out EM", ("eval/greedy/em", "eval/sampled/em", "eval/*/em"), "exact match", smooth=False),
         Panel("Searches per trajectory", ("rollout/searches_per_traj",), "searches"),
         Panel("Response length", ("rollout/response_length",), "tokens"),
         Panel(
@@ -195,6 +196,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, smooth: flo
 
     Figures (each only if some of its keys were logged): ``curves.png`` (reward, train EM, held-out EM,
     searches, response length, group homogeneity), ``actor.png`` (KL, entropy, clip fraction, grad norm),
+    ``warmstart.png`` (the supervised warm start's loss per SFT step),
     ``categories.png`` (stacked category fractions), ``timing.png`` (stacked time split, tokens/s).
 
     Args:
@@ -203,9 +205,21 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None, smooth: flo
         smooth: EMA weight in [0, 1) for the bold curves (raw values are drawn faintly); 0 disables.
     """
     run_dir = Path(run_dir)
-    series = metric_series(read_metrics(run_dir))
+    records = read_metrics(run_dir)
+    series = metric_series(records)
+    if not any(k.startswith("eval/greedy/") for k in series) and "eval/em" in series:
+        series["eval/greedy/em"] = series["eval/em"]
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
     written: list[Path] = []
+    warm = [(r["warmstart/step"], r["warmstart/loss"]) for r in records if "warmstart/loss" in r]
+    if warm:
+        # The warm start is logged at RL step 0, one line per SFT step: its own x axis.
+        fig, (ax,) = _new_figure(1)
+        steps, losses = (np.array(column, dtype=float) for column in zip(*sorted(warm), strict=True))
+        _line(ax, steps, losses, label="warmstart/loss", smooth=smooth)
+        ax.set(title="Warm start (supervised)", xlabel="SFT step", ylabel="loss (nats/token)")
+        ax.grid(alpha=0.3)
+        written.append(save_png(fig, out / "warmstart.png"))
     for filename, panels in FIGURES.items():
         drawable = [(panel, keys) for panel in panels if (keys := _panel_keys(panel, series))]
         if not drawable:
