@@ -79,8 +79,29 @@ def test_a_large_request_is_sliced_and_interleaved_with_small_ones():
     )
     last_with_singles = max(i for i, b in enumerate(search.batches) if any(q.startswith("single") for q in b))
     assert first_with_singles <= 1 and last_with_singles <= 3
-    # While more singles waited than a batch holds, the big request got one quantum (32 // 4) of it.
-    assert sum(q.startswith("big") for q in search.batches[first_with_singles]) == 8
+    # While more singles waited than a batch holds, they got three quarters of it and the big request the rest.
+    first = search.batches[first_with_singles]
+    assert sum(q.startswith("big") for q in first) == 8 and sum(q.startswith("single") for q in first) == 24
+
+
+def test_under_light_load_a_large_request_adds_at_most_half_of_the_small_ones():
+    """Batch time grows with batch size: the small requests' batch grows by 1.5x at most."""
+    search = RecordingSearch()
+    batcher = MicroBatcher(search, max_batch=64, max_wait=0.05)
+
+    async def scenario():
+        batcher.start()
+        try:
+            big = asyncio.create_task(batcher.submit([f"big {i}" for i in range(200)], 3))
+            singles = [asyncio.create_task(batcher.submit([f"single {i}"], 3)) for i in range(6)]
+            await asyncio.gather(big, *singles)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    first = search.batches[0]
+    assert sum(q.startswith("single") for q in first) == 6 and sum(q.startswith("big") for q in first) == 3
+    assert [len(b) for b in search.batches[1:]] == [64, 64, 64, 5]  # then alone: whole batches
 
 
 def test_alone_a_large_request_fills_every_batch():

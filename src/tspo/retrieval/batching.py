@@ -7,10 +7,14 @@ is being searched the next one accumulates, so the batch size adapts to the load
 prefixes of one sorted order, so requests with different ``k`` share a batch searched with the largest
 ``k``.
 
-Fairness (deficit round robin, Shreedhar & Varghese 1996): a batch is filled in rounds over the queued
-requests, each taking at most ``quantum`` queries per round, and a request with queries left goes to
-the back of the queue. A 10,000-query request is thus searched ``max_batch``-sized slice by slice,
-interleaved with everyone else's queries, instead of stalling them; alone, it still fills every batch.
+Fairness. A batch's search time grows with its size, so what keeps small requests fast is keeping
+batches the size *they* need. Requests of at most ``quantum`` queries are *small* and taken whole, in
+arrival order; larger ones are *large*, searched slice by slice, round robin among themselves
+(Shreedhar & Varghese 1996). While small requests wait, the large ones together add at most half as
+many queries as the small ones took (at least ``min_slice``), and the small ones get at most three
+quarters of ``max_batch``: a batch is at most 1.5x what the small requests alone would make. With no
+small request waiting, large requests fill whole batches. A 10,000-query request thus no longer stalls
+everyone for its whole search time, and alone it is searched at full speed.
 
 Isolation: when a batched ``search`` raises, the batch is bisected and searched again so that every
 query that can be answered is, and each query that cannot fails only its own request
@@ -98,12 +102,18 @@ class MicroBatcher:
         search: the batched search, called in a worker thread.
         max_batch: most queries per ``search`` call; larger requests are split across batches.
         max_wait: seconds to wait for more requests when fewer than ``max_batch`` queries are queued.
-        quantum: most queries one request adds to a batch per round (default ``max_batch // 4``): while
-            others wait, a large request gets about a quarter of each batch; alone, all of it.
+        quantum: requests of more queries than this are *large* (default ``max_batch // 4``).
+        min_slice: queries large requests add to a batch however few small ones it holds (default
+            ``max(1, quantum // 8)``), so they always progress.
     """
 
     def __init__(
-        self, search: SearchFn, max_batch: int = 256, max_wait: float = 0.002, quantum: int | None = None
+        self,
+        search: SearchFn,
+        max_batch: int = 256,
+        max_wait: float = 0.002,
+        quantum: int | None = None,
+        min_slice: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -112,9 +122,14 @@ class MicroBatcher:
         self._search = search
         self.max_batch = max_batch
         self.max_wait = max_wait
-        self.quantum = max(1, quantum if quantum is not None else max_batch // 4)
+        # A small request must always fit in the share of a batch that small requests get.
+        self.quantum = min(
+            max(1, quantum if quantum is not None else max_batch // 4), max_batch - max_batch // 4
+        )
+        self.min_slice = max(1, min_slice if min_slice is not None else self.quantum // 8)
         self.stats = BatchStats()
-        self._queue: deque[_Pending] = deque()
+        self._small: deque[_Pending] = deque()
+        self._large: deque[_Pending] = deque()
         self._queued_queries = 0
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -133,10 +148,11 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
-        for pending in self._queue:
+        for pending in (*self._small, *self._large):
             if not pending.future.done():
                 pending.future.set_exception(RuntimeError("retrieval server is shutting down"))
-        self._queue.clear()
+        self._small.clear()
+        self._large.clear()
         self._executor.shutdown(wait=False)
 
     async def submit(self, queries: list[str], k: int) -> list[list[Doc]]:
@@ -147,7 +163,8 @@ class MicroBatcher:
         if not queries:
             return []
         future: asyncio.Future[list[list[Doc]]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(queries, k, future, [None] * len(queries)))
+        queue = self._large if len(queries) > self.quantum else self._small
+        queue.append(_Pending(queries, k, future, [None] * len(queries)))
         self._queued_queries += len(queries)
         self._arrived.set()
         return await future
@@ -168,31 +185,44 @@ class MicroBatcher:
                 except asyncio.TimeoutError:
                     break
             batch = self._take_batch()
-            if not self._queue:
+            if not self._small and not self._large:
                 self._arrived.clear()
             if batch:
                 await self._execute(batch, loop)
 
     def _take_batch(self) -> list[_Slice]:
-        """Up to ``max_batch`` queries, in rounds of at most ``quantum`` per request (see module doc)."""
+        """Up to ``max_batch`` queries: small requests whole, then slices of large ones (module doc)."""
         slices: list[_Slice] = []
+        self._drop_abandoned()
         room = self.max_batch
-        while room and self._queue:
-            for _ in range(len(self._queue)):  # one round
-                if not room:
-                    break
-                pending = self._queue.popleft()
-                if pending.future.done():  # the client went away (or an earlier slice failed)
-                    self._queued_queries -= pending.remaining
-                    continue
-                take = min(pending.remaining, self.quantum, room)
-                slices.append(_Slice(pending, pending.taken, pending.taken + take))
-                pending.taken += take
-                self._queued_queries -= take
-                room -= take
-                if pending.remaining:
-                    self._queue.append(pending)
+        small_room = room - room // 4 if self._large else room
+        small_taken = 0
+        while self._small and self._small[0].remaining <= small_room - small_taken:
+            pending = self._small.popleft()
+            slices.append(_Slice(pending, 0, len(pending.queries)))
+            pending.taken = len(pending.queries)
+            small_taken += len(pending.queries)
+        room -= small_taken
+        share = room if small_taken == 0 else min(room, max(self.min_slice, small_taken // 2))
+        while share and self._large:
+            pending = self._large.popleft()
+            take = min(pending.remaining, share, self.quantum if len(self._large) else share)
+            slices.append(_Slice(pending, pending.taken, pending.taken + take))
+            pending.taken += take
+            share -= take
+            if pending.remaining:
+                self._large.append(pending)
+        self._queued_queries -= sum(part.stop - part.start for part in slices)
         return slices
+
+    def _drop_abandoned(self) -> None:
+        """Forget requests whose client went away or that already failed."""
+        for queue in (self._small, self._large):
+            if any(pending.future.done() for pending in queue):
+                kept = [pending for pending in queue if not pending.future.done()]
+                self._queued_queries -= sum(p.remaining for p in queue if p.future.done())
+                queue.clear()
+                queue.extend(kept)
 
     async def _execute(self, batch: list[_Slice], loop: asyncio.AbstractEventLoop) -> None:
         distinct = list(
