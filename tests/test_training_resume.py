@@ -54,7 +54,7 @@ def test_sigkill_then_resume_continues_from_last_checkpoint(tmp_path):
         train_command(run_dir, "--resume"), capture_output=True, text=True, env=env, timeout=900, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "steps         : 6" in done.stdout
+    assert "trained 6 steps of tspo on tiny" in done.stdout
     # Every step logged exactly once: lines past the checkpoint were dropped and redone.
     assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
