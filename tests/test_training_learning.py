@@ -12,8 +12,13 @@ the warm start, RL gains +0.09 to +0.24 (TSPO +0.135 to +0.24). The margins are 
 
 from __future__ import annotations
 
+import pytest
+
 from tspo.training.config import load_train_config
 from tspo.training.trainer import Trainer
+
+# About 3 minutes on 2 cores: `pytest -q` skips it during development, `.ci/run` runs it explicitly.
+pytestmark = pytest.mark.slow
 
 RUN = ["trainer.progress=false", "trainer.plots=false", "trainer.save_every=0"]
 
