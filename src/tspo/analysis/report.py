@@ -92,8 +92,9 @@ def _run_facts(run_dir: Path) -> dict[str, str]:
         return (config.get(section) or {}).get(key)
 
     algorithm = get("algorithm", "name")
-    if algorithm == "tspo" and get("algorithm", "tspo_mode"):
-        algorithm = f"tspo (tspo_mode {get('algorithm', 'tspo_mode')})"
+    mode = get("algorithm", "tspo_mode")
+    if str(algorithm).startswith("tspo") and mode and mode != "default":
+        algorithm = f"{algorithm} (tspo_mode {mode})"
     facts = {
         "algorithm": algorithm,
         "model": get("model", "policy"),
