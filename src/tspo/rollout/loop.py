@@ -495,7 +495,14 @@ def run_rollouts(
     config = config or RolloutConfig()
     start = time.perf_counter()
     run = _RolloutRun(engine, tokenizer, retriever, config, seed)
-    trajectories = run.run(tasks)
+    try:
+        trajectories = run.run(tasks)
+    finally:
+        # Engines that keep per-trajectory KV caches across turns (hf) free them: no later call
+        # continues these trajectories, and the weights may change before the next run.
+        release = getattr(engine, "release_cache", None)
+        if callable(release):
+            release()
     total = time.perf_counter() - start
     timings = {
         "generate": run.timings["generate"],
