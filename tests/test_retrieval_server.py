@@ -45,9 +45,7 @@ def retriever(corpus):
 
 @pytest.fixture(scope="module")
 def server(retriever):
-    settings = ServerSettings(
-        port=0, max_topk=20, max_queries=16, max_body_bytes=4096, max_wait_ms=20
-    )
+    settings = ServerSettings(port=0, max_topk=20, max_queries=16, max_body_bytes=4096, max_wait_ms=20)
     with start_server(retriever, settings) as running:
         wait_until_ready(running.url)
         yield running

@@ -70,7 +70,7 @@ class ServerSettings:
         max_queries: most queries in one request; ``None`` (default): bounded by ``max_body_bytes`` only,
             so Search-R1's 512 x 5 = 2,560-query batches pass.
         max_query_chars: queries are first cut to this many characters (then to the retriever's window).
-        max_body_bytes: largest request body accepted (16 MiB: about 100,000 short queries).
+        max_body_bytes: largest request body accepted (16 MiB: hundreds of thousands of short queries).
         max_batch: most queries searched in one batched call; larger requests are split.
         max_wait_ms: how long a short batch waits for more requests.
         cache_size: LRU entries of ``(query, topk)`` results; 0 disables the cache.
