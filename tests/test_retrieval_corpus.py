@@ -14,6 +14,7 @@ from tspo.doc import Doc
 from tspo.retrieval import CorpusFormatError, LRUCache, read_corpus
 from tspo.retrieval.corpus import count_lines
 from tspo.retrieval.docstore import DocStore, DocStoreWriter, rank_ids
+from tspo.retrieval.passage import JsonIntId, json_id
 
 
 def write_lines(path, lines):
@@ -189,3 +190,52 @@ def test_lru_cache_evicts_least_recently_used():
     assert disabled.get(("q", 1)) is None and len(disabled) == 0
     with pytest.raises(ValueError):
         LRUCache(-1)
+
+
+def test_empty_titles_and_integer_ids_survive_the_corpus_and_the_store(tmp_path):
+    corpus = write_lines(
+        tmp_path / "c.jsonl",
+        [
+            json.dumps({"id": 7, "contents": "\nbody after an empty title"}),
+            json.dumps({"id": "8", "contents": "one line only"}),
+            json.dumps({"id": 9, "contents": "Title\nbody"}),
+        ],
+    )
+    docs = list(read_corpus(corpus))
+    assert [d.contents for d in docs] == ["\nbody after an empty title", "one line only", "Title\nbody"]
+    assert [type(d.id) for d in docs] == [JsonIntId, str, JsonIntId]
+    assert docs[0].title == "" and docs[0].text == "body after an empty title"  # as Search-R1 reads it
+    for on_disk in (False, True):
+        writer = DocStoreWriter(tmp_path / f"store{on_disk}" if on_disk else None)
+        for doc in docs:
+            writer.add(doc)
+        writer.finish().save(tmp_path / f"saved{on_disk}")
+        loaded = DocStore.load(tmp_path / f"saved{on_disk}")
+        again = [loaded.get(i) for i in range(3)]
+        assert again == docs and [d.contents for d in again] == [d.contents for d in docs]
+        assert [json_id(d.id) for d in again] == [7, "8", 9]
+    # All ids integers: no per-passage mask is written.
+    writer = DocStoreWriter(tmp_path / "ints")
+    writer.add(docs[0])
+    writer.add(docs[2])
+    assert [type(writer.finish().get(i).id) for i in range(2)] == [JsonIntId, JsonIntId]
+    assert not (tmp_path / "ints" / "ids.int.npy").exists()
+
+
+def test_a_store_written_before_layout_2_reads_as_before(tmp_path):
+    """Stores without store.json held "title\\ntext" for every passage: read them that way."""
+    writer = DocStoreWriter(tmp_path / "old")
+    writer.add(Doc(id="a", title="T", text="x"))
+    writer.add(Doc(id="b", title="", text="untitled"))
+    writer.finish()
+    old = tmp_path / "old"
+    (old / "store.json").unlink()
+    body = b"T\nx" + b"\nuntitled"  # layout 1 wrote the empty title's newline
+    (old / "docs.bin").write_bytes(body)
+    np.save(old / "docs.offsets.npy", np.array([0, 3, len(body)], dtype=np.int64))
+    loaded = DocStore.load(old)
+    assert loaded.layout == 1
+    assert [loaded.get(0), loaded.get(1)] == [
+        Doc(id="a", title="T", text="x"),
+        Doc(id="b", title="", text="untitled"),
+    ]
