@@ -27,6 +27,7 @@ __all__ = ["E5_PASSAGE_PREFIX", "E5_QUERY_PREFIX", "EncoderConfig", "SentenceEnc
 
 logger = logging.getLogger(__name__)
 
+QUERY_BATCH = 512
 E5_QUERY_PREFIX = "query: "
 E5_PASSAGE_PREFIX = "passage: "
 _E5_NAME = re.compile(r"(^|[^a-z0-9])e5([^a-z0-9]|$)")
@@ -119,12 +120,12 @@ class SentenceEncoder:
             dim = int(self.model.encode(["probe"], convert_to_numpy=True).shape[1])
         self.dim = int(dim)
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
+    def _encode(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         vectors = self.model.encode(
             texts,
-            batch_size=self.config.batch_size,
+            batch_size=batch_size or self.config.batch_size,
             convert_to_numpy=True,
             normalize_embeddings=self.config.normalize,
             show_progress_bar=False,
@@ -132,8 +133,10 @@ class SentenceEncoder:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
     def encode_queries(self, queries: list[str]) -> np.ndarray:
-        """(len(queries), d) float32."""
-        return self._encode([f"{self.config.query_prefix}{q}" for q in queries])
+        """(len(queries), d) float32. Queries are short: one forward pass for up to ``QUERY_BATCH`` of
+        them costs about half as much per query on CPU as passes of the passage ``batch_size``."""
+        batch = max(self.config.batch_size, min(len(queries), QUERY_BATCH))
+        return self._encode([f"{self.config.query_prefix}{q}" for q in queries], batch)
 
     def encode_passages(self, passages: list[str]) -> np.ndarray:
         """(len(passages), d) float32 of ``contents`` strings (``"title\\ntext"``)."""
