@@ -206,6 +206,47 @@ def test_hf_sampling_is_seeded_and_leaves_global_rng_alone(tiny):
     assert len({tuple(o.token_ids) for o in first}) > 1
 
 
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
+def test_hf_samples_what_model_generate_samples(tiny_dir, temperature, top_p):
+    """Same seed, same tokens as ``model.generate`` (rows stopping at different steps included): the
+    engine's own decoding loop draws from the same distribution with the same random stream."""
+    model, tokenizer = load_policy(tiny_dir, device="cpu", dtype="float32")
+    # A stop token that a random model emits now and then, so rows end at different steps.
+    stop_word = "doe"
+    stop_id = encode(tokenizer, stop_word)[0]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[stop_id] *= 4.0
+    words = ["who", "founded", "acme", "corporation", "?", "lorvik", "is", "a", "harbour", "city"]
+    prompts = [encode(tokenizer, " ".join(words[: 2 + row])) for row in range(6)]
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, max_new_tokens=20, stop=(stop_word,), seed=3
+    )
+    outputs = HFEngine(model, tokenizer).generate(prompts, params)
+    lengths = {len(o.token_ids) for o in outputs}
+    assert len(lengths) > 1, "the rows must stop at different steps for this test to mean anything"
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = torch.tensor(prompt), 1
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(3)
+        reference = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=20,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            eos_token_id=[tokenizer.eos_token_id, stop_id],
+            pad_token_id=tokenizer.pad_token_id,
+        )[:, width:].tolist()
+    scanner = StopScanner(tokenizer, (stop_word,), frozenset({tokenizer.eos_token_id}))
+    for row, output in zip(reference, outputs, strict=True):
+        assert row[: scanner.cut(row, 20)[0]] == output.token_ids
+
+
 def _memorize(model, prompt: list[int], target: list[int], max_steps: int = 300) -> None:
     """Overfit ``model`` on ``target`` after ``prompt`` so that greedy decoding replays it (a known policy)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)

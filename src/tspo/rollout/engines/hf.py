@@ -85,7 +85,8 @@ if _DynamicLayer is not None:
 
         ``DynamicLayer`` concatenates the whole cache at every step (a quarter of a small model's decoding
         time on CPU); this one writes the new keys and values in place and exposes a view of the filled
-        part. Unused columns are zeros, never garbage: a masked column still multiplies its value by 0.
+        part. Every exposed column holds finite numbers (padding is zeros or a pad token's keys): a
+        masked column still multiplies its value by 0, and garbage could be NaN.
         """
 
         def __init__(self, capacity: int) -> None:
@@ -95,11 +96,17 @@ if _DynamicLayer is not None:
             self._key_buffer: torch.Tensor | None = None
             self._value_buffer: torch.Tensor | None = None
 
-        def allocate(self, like: torch.Tensor, batch: int, heads: int, head_dim: int) -> None:
-            """Zeroed buffers of (batch, heads, capacity, head_dim) with ``like``'s dtype and device."""
+        def allocate(
+            self, like: torch.Tensor, batch: int, heads: int, head_dim: int, zeroed: int = 0
+        ) -> None:
+            """Buffers of (batch, heads, capacity, head_dim) with ``like``'s dtype and device; the first
+            ``zeroed`` columns are zeros (the padding of a cached-prefix region). Later columns are
+            written for every row before they are exposed, so they need no clearing."""
             shape = (batch, heads, self.capacity, head_dim)
-            self._key_buffer = like.new_zeros(shape)
-            self._value_buffer = like.new_zeros(shape)
+            self._key_buffer = like.new_empty(shape)
+            self._value_buffer = like.new_empty(shape)
+            self._key_buffer[:, :, :zeroed] = 0
+            self._value_buffer[:, :, :zeroed] = 0
             self.device = like.device
             self.is_initialized = True
             self._expose()
@@ -336,7 +343,7 @@ class HFEngine:
             sample = next(prefix for prefix, r in zip(prefixes, reuse, strict=True) if r)
             for index, layer in enumerate(cache.layers):
                 like = sample.layers[index][0]
-                layer.allocate(like, count, like.shape[0], like.shape[2])
+                layer.allocate(like, count, like.shape[0], like.shape[2], zeroed=width_cached)
                 for slot, row in enumerate(unique):
                     length = reuse[row]
                     if length:
