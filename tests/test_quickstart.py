@@ -17,10 +17,11 @@ from tspo.training.metrics import read_metrics
 
 SHORT = [
     "trainer.steps=2",
-    "trainer.prompts_per_step=2",
+    "trainer.prompts_per_step=1",
     "trainer.group_size=2",
-    "data.eval_size=4",
-    "rollout.max_new_tokens=24",
+    "data.eval_size=2",
+    "rollout.max_turns=1",
+    "rollout.max_new_tokens=16",
 ]
 
 
@@ -58,7 +59,7 @@ def test_quickstart_preset_shortened_end_to_end(tmp_path: Path):
     out, err = result.stdout, result.stderr
 
     # The summary, in plain words: both decodings before -> after, behaviour, where things are.
-    assert "held-out questions : 4" in out
+    assert "held-out questions : 2" in out
     assert "greedy EM          : " in out and " -> " in out
     assert "sampled EM         : " in out and "temperature 1, fixed seed" in out
     assert "searches per question" in out and "near miss" in out
@@ -78,7 +79,7 @@ def test_quickstart_preset_shortened_end_to_end(tmp_path: Path):
     evals = [r for r in records if "eval/greedy/em" in r]
     assert [r["step"] for r in evals] == [0, 2]
     for record in evals:
-        assert record["eval/greedy/n"] == 4 and record["eval/sampled/n"] == 4
+        assert record["eval/greedy/n"] == 2 and record["eval/sampled/n"] == 2
         fractions = [
             record[f"eval/sampled/{c}"]
             for c in ("complete_failure", "near_miss", "complete_success", "success_without_retrieval")

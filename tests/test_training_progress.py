@@ -31,6 +31,17 @@ def test_without_a_terminal_progress_is_log_lines_every_tenth(caplog: pytest.Log
     assert all("\r" not in line for line in lines)
 
 
+def test_batched_updates_log_each_tenth_they_cross(caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="tspo.training.progress")
+    with Progress(128, "eval before", "question", interactive=False) as bar:
+        for _ in range(8):
+            bar.update(16)
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(" (ETA")[0] for line in lines] == [
+        f"eval before: {n}/128 questions" for n in range(16, 129, 16)
+    ]
+
+
 def test_disabled_progress_says_nothing(caplog: pytest.LogCaptureFixture):
     caplog.set_level(logging.INFO, logger="tspo.training.progress")
     with Progress(3, "eval", "question", interactive=False, enabled=False) as bar:

@@ -73,7 +73,9 @@ class Progress:
             if postfix is not None:
                 self._bar.set_postfix_str(postfix, refresh=False)
             return
-        if self.done % self.log_every == 0 or self.done >= self.total:
+        # Log each time a multiple of log_every is crossed (updates may come in batches of any size).
+        crossed = self.done // self.log_every > (self.done - count) // self.log_every
+        if crossed or self.done >= self.total:
             eta = self.eta_seconds()
             text = line or f"{self.desc}: {self.done}/{self.total} {self.unit}s"
             if eta is not None and self.done < self.total and "ETA" not in text:
