@@ -233,7 +233,8 @@ class HFEngine:
         self._store = PrefixKVStore(cache_budget_bytes)
         self._fingerprint: tuple[tuple[int, int, int], ...] | None = None
         self._scanners: dict[tuple[str, ...], tuple[StopScanner, torch.Tensor]] = {}
-        parameters = inspect.signature(model.forward).parameters
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+        parameters = inspect.signature(base.forward).parameters
         # transformers 5 names the cache argument ``cache``; 4.x called it ``past_key_values``.
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
         # Whether the model's cache layers allow cutting rows out and stitching them back (decided on
