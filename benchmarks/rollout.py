@@ -4,11 +4,15 @@ For each model (``tiny``: a Qwen2 model built on the synthetic world and warm-st
 steps so that it searches and answers; ``smollm2``: SmolLM2-135M-Instruct from its GGUF file), in one
 process and interleaved over ``--repeats`` rounds:
 
-- rollout: ``run_rollouts`` with the HF engine and a BM25 index over the world's corpus; generated
-  tokens per second over the whole loop, and its time split generate / retrieve / other;
-- replay: the very same batched calls (same left-padded inputs, ``max_new_tokens``, stop strings, seeds)
-  through plain ``model.generate`` -- the same tokens are sampled, so this is the loop's work without
-  the loop: ``rollout / replay`` is the loop overhead (engine bookkeeping, retrieval, tokenization);
+- rollout: ``run_rollouts`` with the HF engine (KV cache kept across turns) and a BM25 index over the
+  world's corpus; generated tokens per second over the whole loop, and its time split
+  generate / retrieve / other;
+- no-cache: the same loop and seed with ``HFEngine(kv_cache=False)`` (every turn prefills the whole
+  context); the share of trajectories identical to the rollout's is reported (the cache must not
+  change what is sampled);
+- replay: the rollout's very batched calls (same left-padded inputs, ``max_new_tokens``, stop strings,
+  seeds) through plain ``model.generate``, which is what the engine did per call before it kept a
+  cache: the same tokens are sampled, so ``replay`` is the previous engine's generation time;
 - plain: one ``model.generate`` over the same prompts with a fixed length equal to the mean number of
   tokens the rollout generated per trajectory (``min_new_tokens = max_new_tokens``): single-turn
   generation of the same volume, the upper bound a multi-turn loop is compared to.
@@ -82,6 +86,9 @@ class RecordingEngine:
         self.calls.append(([list(p) for p in prompts], params))
         self.outputs.append(self.engine.generate(prompts, params))
         return self.outputs[-1]
+
+    def release_cache(self) -> None:
+        self.engine.release_cache()
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,10 +230,16 @@ class Round:
     generate_s: float
     retrieve_s: float
     other_s: float
+    nocache_s: float
     replay_s: float
     plain_s: float
     generated_tokens: int
+    nocache_tokens: int
     plain_tokens: int
+    prompt_tokens: int
+    reused_tokens: int
+    prefill_tokens: int
+    identical_to_nocache: float
 
 
 @dataclass
@@ -244,24 +257,31 @@ class ModelReport:
         def med(values: list[float]) -> float:
             return statistics.median(values)
 
-        rollout_rate = med([r.generated_tokens / r.rollout_s for r in self.rounds])
-        replay_rate = med([r.generated_tokens / r.replay_s for r in self.rounds])
-        plain_rate = med([r.plain_tokens / r.plain_s for r in self.rounds])
-        total = med([r.rollout_s for r in self.rounds])
+        def vs_plain(tokens: int, seconds: float, r: Round) -> float:
+            return (tokens / seconds) / (r.plain_tokens / r.plain_s)
+
         return {
-            "rollout_tokens_per_s": rollout_rate,
-            "replay_tokens_per_s": replay_rate,
-            "plain_tokens_per_s": plain_rate,
-            "rollout_vs_plain": med(
-                [(r.generated_tokens / r.rollout_s) / (r.plain_tokens / r.plain_s) for r in self.rounds]
-            ),
+            "rollout_tokens_per_s": med([r.generated_tokens / r.rollout_s for r in self.rounds]),
+            "nocache_tokens_per_s": med([r.nocache_tokens / r.nocache_s for r in self.rounds]),
+            "replay_tokens_per_s": med([r.generated_tokens / r.replay_s for r in self.rounds]),
+            "plain_tokens_per_s": med([r.plain_tokens / r.plain_s for r in self.rounds]),
+            "rollout_vs_plain": med([vs_plain(r.generated_tokens, r.rollout_s, r) for r in self.rounds]),
+            "nocache_vs_plain": med([vs_plain(r.nocache_tokens, r.nocache_s, r) for r in self.rounds]),
+            "replay_vs_plain": med([vs_plain(r.generated_tokens, r.replay_s, r) for r in self.rounds]),
             "rollout_vs_replay": med([r.replay_s / r.rollout_s for r in self.rounds]),
-            "engine_vs_replay": med([r.replay_s / r.generate_s for r in self.rounds]),
             "share_generate": med([r.generate_s / r.rollout_s for r in self.rounds]),
             "share_retrieve": med([r.retrieve_s / r.rollout_s for r in self.rounds]),
             "share_other": med([r.other_s / r.rollout_s for r in self.rounds]),
-            "rollout_seconds": total,
+            "reused_share_of_context": med([r.reused_tokens / r.prompt_tokens for r in self.rounds]),
+            "identical_to_nocache": min(r.identical_to_nocache for r in self.rounds),
+            "rollout_seconds": med([r.rollout_s for r in self.rounds]),
         }
+
+
+def same_responses(first: Sequence[Any], second: Sequence[Any]) -> float:
+    """Share of trajectories whose response ids are identical in two runs."""
+    same = sum(a.response_ids == b.response_ids for a, b in zip(first, second, strict=True))
+    return same / max(1, len(first))
 
 
 def bench_model(
@@ -304,16 +324,24 @@ def bench_model(
         generation_batch_size=setting.batch_size,
         temperature=1.0,
     )
-    engine = HFEngine(model, tokenizer)
+    engine = HFEngine(model, tokenizer, kv_cache=True)
+    nocache = HFEngine(model, tokenizer, kv_cache=False)
     prompts = [build_prompt_ids(t.question, tokenizer) for t in tasks]
-    engine.generate(prompts[:2], SamplingParams(max_new_tokens=2, stop=config.protocol.stop_strings, seed=0))
+    for warm in (engine, nocache):
+        warm.generate(
+            prompts[:2], SamplingParams(max_new_tokens=2, stop=config.protocol.stop_strings, seed=0)
+        )
     report = ModelReport(name, asdict(setting), len(tasks), 0.0, 0.0, {}, notes=notes)
     for round_index in range(args.repeats):
         seed = args.seed + round_index
         recorder = RecordingEngine(engine)
+        before = replace(engine.stats)
         result = run_rollouts(recorder, tokenizer, retriever, tasks, config, seed=seed)
-        replay_s, identical = replay(model, engine, recorder)
-        notes.setdefault("replay_identical_rows", []).append(identical)
+        after = engine.stats
+        baseline = run_rollouts(nocache, tokenizer, retriever, tasks, config, seed=seed)
+        identical = same_responses(result.trajectories, baseline.trajectories)
+        replay_s, replay_identical = replay(model, engine, recorder)
+        notes.setdefault("replay_identical_rows", []).append(replay_identical)
         length = max(1, round(result.generated_tokens / len(tasks)))
         plain_s = plain(model, tokenizer, prompts, length, setting.batch_size, seed)
         report.rounds.append(
@@ -322,10 +350,16 @@ def bench_model(
                 generate_s=result.timings["generate"],
                 retrieve_s=result.timings["retrieve"],
                 other_s=result.timings["other"],
+                nocache_s=baseline.seconds,
                 replay_s=replay_s,
                 plain_s=plain_s,
                 generated_tokens=result.generated_tokens,
+                nocache_tokens=baseline.generated_tokens,
                 plain_tokens=length * len(tasks),
+                prompt_tokens=after.prompt_tokens - before.prompt_tokens,
+                reused_tokens=after.reused_tokens - before.reused_tokens,
+                prefill_tokens=after.prefill_tokens - before.prefill_tokens,
+                identical_to_nocache=identical,
             )
         )
         report.counters = result.counters
@@ -333,7 +367,8 @@ def bench_model(
         report.searches_per_trajectory = sum(t.num_searches for t in result.trajectories) / len(tasks)
         print(
             f"  [{name} round {round_index + 1}/{args.repeats}] rollout {result.seconds:.2f}s "
-            f"replay {replay_s:.2f}s plain {plain_s:.2f}s, {result.generated_tokens} tokens",
+            f"no-cache {baseline.seconds:.2f}s replay {replay_s:.2f}s plain {plain_s:.2f}s, "
+            f"{result.generated_tokens} tokens, {identical:.0%} trajectories identical without the cache",
             flush=True,
         )
     return report
@@ -341,8 +376,9 @@ def bench_model(
 
 def print_table(reports: list[ModelReport]) -> None:
     header = (
-        f"{'model':8} {'trajs':>5} {'turns':>5} {'srch':>5} {'rollout':>8} {'replay':>8} {'plain':>8} "
-        f"{'vs plain':>8} {'vs replay':>9} {'gen%':>5} {'ret%':>5} {'oth%':>5}"
+        f"{'model':8} {'trajs':>5} {'turns':>5} {'srch':>5} {'rollout':>8} {'no-cache':>8} {'replay':>8} "
+        f"{'plain':>8} {'vs plain':>8} {'no-cache':>8} {'replay':>8} {'reused':>6} {'gen%':>5} {'ret%':>5} "
+        f"{'oth%':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -350,12 +386,17 @@ def print_table(reports: list[ModelReport]) -> None:
         s = report.summary()
         print(
             f"{report.model:8} {report.trajectories:5d} {report.turns_per_trajectory:5.2f} "
-            f"{report.searches_per_trajectory:5.2f} {s['rollout_tokens_per_s']:8.1f} {s['replay_tokens_per_s']:8.1f} "
-            f"{s['plain_tokens_per_s']:8.1f} {s['rollout_vs_plain']:8.2f} {s['rollout_vs_replay']:9.2f} "
-            f"{100 * s['share_generate']:5.1f} {100 * s['share_retrieve']:5.1f} {100 * s['share_other']:5.1f}"
+            f"{report.searches_per_trajectory:5.2f} {s['rollout_tokens_per_s']:8.1f} "
+            f"{s['nocache_tokens_per_s']:8.1f} {s['replay_tokens_per_s']:8.1f} {s['plain_tokens_per_s']:8.1f} "
+            f"{s['rollout_vs_plain']:8.2f} {s['nocache_vs_plain']:8.2f} {s['replay_vs_plain']:8.2f} "
+            f"{100 * s['reused_share_of_context']:5.0f}% {100 * s['share_generate']:5.1f} "
+            f"{100 * s['share_retrieve']:5.1f} {100 * s['share_other']:5.1f}"
         )
     print(
-        "(tokens per second of generated tokens; 'vs' = rollout throughput / baseline throughput; target >= 0.80)"
+        "(generated tokens per second; rollout: the loop with the KV cache across turns; no-cache: the same "
+        "engine with kv_cache=False; replay: the rollout's calls through plain model.generate (the previous "
+        "engine); plain: one single-turn generate of the same volume. 'vs plain' columns: throughput / plain "
+        "throughput, target >= 0.80 for the rollout. reused: share of context tokens served from the cache)"
     )
 
 

@@ -37,6 +37,9 @@ from tspo.rollout.engines.base import GenerationOutput, SamplingParams, StopScan
 from tspo.rollout.engines.kv_cache import CachedPrefix, PrefixKVStore, weights_fingerprint
 
 DEFAULT_CACHE_BUDGET_BYTES = 4 * 2**30
+# Stopped rows leave the batch once they are this share of it: each compaction copies the whole cache,
+# each step with stopped rows in the batch computes them for nothing.
+COMPACT_SHARE = 0.25
 
 
 @dataclass
@@ -477,8 +480,8 @@ class HFEngine:
                 break
             slot_active = [active[row] for row in rows]
             stopped = [slot for slot, alive in enumerate(slot_active) if not alive]
-            if stopped and 4 * len(stopped) >= len(slot_active):
-                # A quarter of the batch has stopped: keep what they computed, continue without them.
+            if stopped and len(stopped) >= COMPACT_SHARE * len(slot_active):
+                # Enough rows have stopped: keep what they computed, continue without them.
                 if keep_cache:
                     self._harvest(batch, stopped, prompts, generated)
                 keep = torch.tensor([slot for slot, alive in enumerate(slot_active) if alive], device=device)
