@@ -35,7 +35,7 @@ def heldout_metrics(
     hit_mode: str = "whole_word",
     seed: int = 0,
     sampled: bool = True,
-    batch_size: int = 16,
+    batch_size: int = 32,
     progress: Any = None,
 ) -> dict[str, float]:
     """Greedy (and, with ``sampled``, sampled) metrics of one rollout per example.
