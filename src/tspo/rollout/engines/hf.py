@@ -1,7 +1,8 @@
 """Generation with a Hugging Face transformers causal LM, on CPU or GPU, with a KV cache across turns.
 
 The engine runs its own decoding loop over the model's ``forward`` (prefill, then one token per step
-with a transformers ``DynamicCache``) instead of ``model.generate``, for three reasons:
+with a transformers ``DynamicCache`` whose layers write into preallocated buffers) instead of
+``model.generate``, for three reasons:
 
 - **KV cache across turns** (:mod:`tspo.rollout.engines.kv_cache`): the rollout loop sends each live
   trajectory's whole context every turn; the engine finds the keys and values it kept for that
