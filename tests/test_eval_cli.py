@@ -313,3 +313,27 @@ def test_eval_of_a_lora_run_merges_the_adapter_into_its_base(setup, searcher, tm
     assert [r["turns"] for r in lora_records] != [
         r["turns"] for r in read_records(base / "trajectories.jsonl")
     ]
+
+
+def test_run_directory_evaluation_reuses_the_runs_few_shot_examples(tmp_path):
+    from tspo.cli import CLIError
+    from tspo.commands.eval import _with_run_examples
+    from tspo.doc import Doc
+    from tspo.protocol import ProtocolConfig, WorkedExample, build_prompt_text
+    from tspo.rollout import RolloutConfig
+    from tspo.training.prompts import worked_examples_to_json
+    from tspo.training.trainer import FEW_SHOT_FILE
+
+    shot = WorkedExample(
+        "Where does Ana work?", (("Ana works", (Doc("1", "Ana", "Ana works at Zed."),)),), "Zed"
+    )
+    config = RolloutConfig(protocol=ProtocolConfig(use_chat_template=False, examples=1))
+    with pytest.raises(CLIError, match=FEW_SHOT_FILE):
+        _with_run_examples(config, tmp_path)
+    (tmp_path / FEW_SHOT_FILE).write_text(json.dumps({"examples": worked_examples_to_json([shot])}))
+    attached = _with_run_examples(config, tmp_path)
+    assert attached.protocol.worked_examples == (shot,)
+    assert build_prompt_text("q", attached.protocol).startswith("Answer the given question")
+    assert "<answer> Zed </answer>" in build_prompt_text("q", attached.protocol)
+    # A zero-shot run needs no file.
+    assert _with_run_examples(RolloutConfig(), tmp_path / "nowhere").protocol.worked_examples == ()
