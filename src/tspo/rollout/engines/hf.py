@@ -146,9 +146,16 @@ if _DynamicLayer is not None:
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             assert self._key_buffer is not None and self._value_buffer is not None
-            self._key_buffer = self._key_buffer[indices]
-            self._value_buffer = self._value_buffer[indices]
+            # Copy only the filled columns: the rest is written before it is ever read.
+            self._key_buffer = self._select(self._key_buffer, indices)
+            self._value_buffer = self._select(self._value_buffer, indices)
             self._expose()
+
+        def _select(self, buffer: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+            """(len(indices), H, capacity, D): rows ``indices`` of ``buffer``, filled columns copied."""
+            selected = buffer.new_empty((len(indices), *buffer.shape[1:]))
+            torch.index_select(buffer[:, :, : self.length], 0, indices, out=selected[:, :, : self.length])
+            return selected
 
         def columns(self, slot: int, spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
             """(H, L, D) keys and values of batch row ``slot`` over the column ``spans``, copied."""
