@@ -540,6 +540,12 @@ class Trainer:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         start = time.perf_counter()
+        if not self._interactive:
+            # transformers' own bars (loading weights, converting the GGUF) are carriage-return streams
+            # in a log file; progress there is the trainer's log lines.
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
         # Log records go through tqdm.write while a bar is shown, so no line glues onto the bar.
         with logging_redirect_tqdm():
             summary = self._train()
