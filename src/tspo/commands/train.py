@@ -88,9 +88,13 @@ def format_summary(summary: Any, config: Any) -> str:
 
     before, after = summary.eval_before, summary.eval_after
     questions = int(after.get("greedy/n", after.get("n", 0)))
+    steps = f"{summary.steps} step{'s' if summary.steps != 1 else ''}"
+    resumed = f", resumed at step {summary.resumed_from}" if summary.resumed_from else ""
     lines = [
-        f"trained {summary.steps} steps of {config.algorithm.name} on {config.model.policy} "
-        f"in {format_duration(summary.seconds)}",
+        f"trained {steps} of {config.algorithm.name} on {config.model.policy} "
+        f"({format_duration(summary.seconds)} in this process{resumed})"
+        if resumed
+        else f"trained {steps} of {config.algorithm.name} on {config.model.policy} in {format_duration(summary.seconds)}",
         f"held-out questions : {questions} (never trained on)",
     ]
     greedy = _em_line("greedy", before, after)

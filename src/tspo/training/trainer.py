@@ -78,6 +78,7 @@ class TrainSummary:
     seconds: float = 0.0
     behaviour: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    resumed_from: int = 0
 
 
 @dataclass
@@ -555,7 +556,7 @@ class Trainer:
     def _train(self) -> TrainSummary:
         self.setup()
         cfg = self.config.trainer
-        summary = TrainSummary(run_dir=self.run_dir, steps=self.step)
+        summary = TrainSummary(run_dir=self.run_dir, steps=self.step, resumed_from=self.step)
         resumed = self.step > 0
         if cfg.eval_before and not resumed:
             summary.eval_before = self.evaluate("before")
