@@ -101,7 +101,10 @@ def test_under_light_load_a_large_request_adds_at_most_half_of_the_small_ones():
     asyncio.run(scenario())
     first = search.batches[0]
     assert sum(q.startswith("single") for q in first) == 6 and sum(q.startswith("big") for q in first) == 3
-    assert [len(b) for b in search.batches[1:]] == [64, 64, 64, 5]  # then alone: whole batches
+    # The singles were seen recently: the next batch stays small (a closed-loop client is briefly away
+    # between its answer and its next request); then, the average decayed, whole batches.
+    sizes = [len(b) for b in search.batches[1:]]
+    assert sizes[0] <= 3 and set(sizes[1:-1]) == {64} and sum(sizes) == 197
 
 
 def test_alone_a_large_request_fills_every_batch():

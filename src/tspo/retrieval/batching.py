@@ -10,10 +10,13 @@ prefixes of one sorted order, so requests with different ``k`` share a batch sea
 Fairness. A batch's search time grows with its size, so what keeps small requests fast is keeping
 batches the size *they* need. Requests of at most ``quantum`` queries are *small* and taken whole, in
 arrival order; larger ones are *large*, searched slice by slice, round robin among themselves
-(Shreedhar & Varghese 1996). While small requests wait, the large ones together add at most half as
-many queries as the small ones took (at least ``min_slice``), and the small ones get at most three
-quarters of ``max_batch``: a batch is at most 1.5x what the small requests alone would make. With no
-small request waiting, large requests fill whole batches. A 10,000-query request thus no longer stalls
+(Shreedhar & Varghese 1996). While small requests keep coming, large ones earn a credit of half a
+query per small query searched and spend it on their slices (``min_slice`` per batch at least), and
+small requests get at most three quarters of ``max_batch``: the work the small requests wait for grows
+by about 1.5x at most. "Keep coming" is a moving average of small queries per batch, not the queue of
+the moment: a closed-loop client is briefly absent between its answer and its next request, and a large
+request must not take a whole (slow) batch in that gap. Once small requests stop, the average decays
+within a few batches and large requests fill whole batches. A 10,000-query request thus no longer stalls
 everyone for its whole search time, and alone it is searched at full speed.
 
 Isolation: when a batched ``search`` raises, the batch is bisected and searched again so that every
@@ -134,6 +137,8 @@ class MicroBatcher:
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="retrieval-batch")
+        self._small_average = 0.0  # small queries per batch, exponential moving average
+        self._large_credit = 0.0  # queries large requests may still add while small ones keep coming
         self._known_good: str | None = None  # a query answered before: tells a broken index from a bad query
 
     def start(self) -> None:
@@ -203,15 +208,24 @@ class MicroBatcher:
             pending.taken = len(pending.queries)
             small_taken += len(pending.queries)
         room -= small_taken
-        share = room if small_taken == 0 else min(room, max(self.min_slice, small_taken // 2))
+        self._small_average = 0.7 * self._small_average + 0.3 * small_taken
+        if self._small_average < 1:
+            self._large_credit = 0.0
+            share = room
+        else:
+            self._large_credit = min(self._large_credit + small_taken / 2, self.max_batch / 2)
+            share = min(room, max(self.min_slice, int(self._large_credit)))
+        large_taken = 0
         while share and self._large:
             pending = self._large.popleft()
             take = min(pending.remaining, share, self.quantum if len(self._large) else share)
             slices.append(_Slice(pending, pending.taken, pending.taken + take))
             pending.taken += take
             share -= take
+            large_taken += take
             if pending.remaining:
                 self._large.append(pending)
+        self._large_credit = max(0.0, self._large_credit - large_taken)
         self._queued_queries -= sum(part.stop - part.start for part in slices)
         return slices
 
