@@ -152,3 +152,55 @@ def test_a_broken_index_fails_every_request_with_its_own_error():
 @pytest.mark.parametrize("quantum", [0, -3])
 def test_quantum_is_at_least_one(quantum):
     assert MicroBatcher(RecordingSearch(), max_batch=8, quantum=quantum).quantum == 1
+
+
+class CountingSearch(RecordingSearch):
+    """Search time proportional to the batch (``per_query`` seconds each), and a running count of the
+    queries searched: the work a request waited for, independent of the machine's speed."""
+
+    def __init__(self, per_query: float) -> None:
+        super().__init__()
+        self.per_query = per_query
+        self.searched = 0
+
+    def __call__(self, queries: list[str], k: int) -> list[list[Doc]]:
+        time.sleep(self.per_query * len(queries))
+        self.searched += len(queries)
+        return [[Doc(id=q, title="", text=q, score=1.0)] for q in queries]
+
+
+def work_waited_p99(big: int, clients: int = 64, rounds: int = 12) -> float:
+    """p99 over closed-loop one-query clients of the queries searched while each waited for its answer,
+    with a ``big``-query request arriving among them (0: none)."""
+    search = CountingSearch(per_query=0.0002)
+    batcher = MicroBatcher(search, max_batch=256, max_wait=0.002)
+    waited: list[int] = []
+
+    async def client(index: int) -> None:
+        for round_ in range(rounds):
+            before = search.searched
+            await batcher.submit([f"c{index} r{round_}"], 3)
+            waited.append(search.searched - before)
+            await asyncio.sleep(0.003)  # the answer travels back, the next request comes
+
+    async def scenario() -> None:
+        batcher.start()
+        try:
+            clients_done = asyncio.gather(*(client(i) for i in range(clients)))
+            await asyncio.sleep(0.05)  # the huge request arrives while the clients are busy
+            huge = batcher.submit([f"big {i}" for i in range(big)], 3) if big else asyncio.sleep(0)
+            await asyncio.gather(clients_done, huge)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    waited.sort()
+    return waited[int(0.99 * (len(waited) - 1))]
+
+
+def test_closed_loop_clients_wait_for_at_most_about_1_5x_the_work_beside_a_huge_request():
+    """The issue-17 fairness run in miniature: 64 one-query clients, alone and beside 10,000 queries."""
+    alone = work_waited_p99(big=0)
+    beside = work_waited_p99(big=10_000)
+    assert alone <= 2 * 64
+    assert beside <= 2 * alone, (alone, beside)

@@ -209,7 +209,7 @@ class MicroBatcher:
             small_taken += len(pending.queries)
         room -= small_taken
         self._small_average = 0.7 * self._small_average + 0.3 * small_taken
-        if self._small_average < 1:
+        if self._small_average < 1 or not self._large:  # credit is earned only while a large one waits
             self._large_credit = 0.0
             share = room
         else:
