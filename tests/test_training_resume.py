@@ -12,11 +12,14 @@ from pathlib import Path
 
 from conftest import TINY_RUN_OVERRIDES
 
+STEPS = 60
 ARGS = [
     "--preset",
     "tiny",
     *TINY_RUN_OVERRIDES,
-    "trainer.steps=6",
+    # Enough steps that the run is still going when the test sees the step-4 checkpoint: a tiny step
+    # takes about 0.05 s, so a 6-step run could finish between two polls.
+    f"trainer.steps={STEPS}",
     "trainer.save_every=2",
     "trainer.keep_last=2",
 ]
@@ -43,19 +46,20 @@ def test_sigkill_then_resume_continues_from_last_checkpoint(tmp_path):
         while not target.is_dir():
             assert proc.poll() is None, "training ended before the step-4 checkpoint appeared"
             assert time.monotonic() < deadline, "no step-4 checkpoint within 600 s"
-            time.sleep(0.2)
+            time.sleep(0.02)
+        assert proc.poll() is None, "training finished before it could be killed"
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     killed_at = max(metric_steps(run_dir))
-    assert 4 <= killed_at < 6
+    assert 4 <= killed_at < STEPS
 
     done = subprocess.run(
         train_command(run_dir, "--resume"), capture_output=True, text=True, env=env, timeout=900, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "trained 6 steps of tspo on tiny" in done.stdout
+    assert f"trained {STEPS} steps of tspo on tiny" in done.stdout
     # Every step logged exactly once: lines past the checkpoint were dropped and redone.
-    assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+    assert metric_steps(run_dir) == list(range(1, STEPS + 1))
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["step-00000004", "step-00000006"]
+    assert checkpoints == [f"step-{STEPS - 2:08d}", f"step-{STEPS:08d}"]
