@@ -115,3 +115,18 @@ def test_override_text_with_colons_stays_a_string():
         "Answer it. Question: {question}",
     )
     assert parse_override("a.b={x: 1}") == (["a", "b"], {"x": 1})
+
+
+@dataclass
+class Switches:
+    precision: Literal["auto", "on", "off"] = "auto"
+    choice: Literal["a", "b"] = "a"
+
+
+def test_yaml_booleans_mean_the_word_of_a_word_literal():
+    # YAML 1.1 parses `off` / `on` / `yes` as booleans; an option spelled in words takes the word.
+    for text, word in (("off", "off"), ("on", "on"), ("no", "off"), ("yes", "on")):
+        data = apply_overrides({}, [f"precision={text}"])
+        assert from_dict(Switches, data).precision == word
+    with pytest.raises(ConfigError, match="choice: True is not one of 'a', 'b'"):
+        from_dict(Switches, apply_overrides({}, ["choice=yes"]))

@@ -316,9 +316,9 @@ def test_eval_of_a_lora_run_merges_the_adapter_into_its_base(setup, searcher, tm
 
 
 def test_run_directory_evaluation_reuses_the_runs_few_shot_examples(tmp_path):
-    from tspo.cli import CLIError
     from tspo.commands.eval import _with_run_examples
     from tspo.doc import Doc
+    from tspo.errors import CLIError
     from tspo.protocol import ProtocolConfig, WorkedExample, build_prompt_text
     from tspo.rollout import RolloutConfig
     from tspo.training.prompts import worked_examples_to_json

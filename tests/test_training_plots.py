@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from tspo.cli import CLIError
 from tspo.commands import plot as plot_command
+from tspo.errors import CLIError
 from tspo.training.metrics import MetricsLogger
 from tspo.training.plots import ema, metric_series, plot_run, plot_runs
 

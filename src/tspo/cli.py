@@ -17,10 +17,9 @@ import sys
 from collections.abc import Sequence
 
 from tspo import __version__
+from tspo.errors import CLIError
 
-
-class CLIError(Exception):
-    """An error caused by the user's input; printed without a traceback."""
+__all__ = ["CLIError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,6 +53,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in get_args(tp):
+            # YAML 1.1 reads on/off and yes/no as booleans: `trainer.bf16=off` means the word.
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((word for word in words if word in get_args(tp)), value)
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in get_args(tp))}")
         return value

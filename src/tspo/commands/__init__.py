@@ -2,5 +2,5 @@
 
 A module here defines ``register(subparsers)``, adds its parser and sets ``handler=`` via
 ``parser.set_defaults``; the handler takes the parsed namespace and returns an exit code. Raise
-``tspo.cli.CLIError`` for user errors (bad path, bad value) so the message is printed cleanly.
+``tspo.errors.CLIError`` for user errors (bad path, bad value) so the message is printed cleanly.
 """

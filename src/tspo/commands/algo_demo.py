@@ -107,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
 
     if not 0.0 <= args.alpha < 1.0:
         raise CLIError(f"--alpha must be in [0, 1) so a near miss ranks below a success, got {args.alpha}")

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
 
     if args.run_dir is None and args.eval_dir is None:
         raise CLIError("give a RUN_DIR, an --eval-dir DIR, or both")

@@ -96,9 +96,9 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
     from tspo.data.prepare import DataPrepError, prepare_datasets
     from tspo.data.qa import QAFormatError
+    from tspo.errors import CLIError
 
     try:
         report = prepare_datasets(
@@ -121,9 +121,9 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
     from tspo.data.prepare import DataPrepError, convert_qa_file
     from tspo.data.qa import QAFormatError
+    from tspo.errors import CLIError
 
     try:
         rows, stats = convert_qa_file(

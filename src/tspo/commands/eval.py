@@ -93,7 +93,7 @@ def _exclusive(out_dir: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: no lock
         yield
         return
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".eval.lock", "w") as handle:
@@ -131,7 +131,7 @@ def _rollout_config(args: argparse.Namespace, base: Any) -> Any:
 
 def _with_run_examples(config: Any, run_dir: Path) -> Any:
     """The run's few-shot examples (``rollout.protocol.examples``) in every prompt, as in training."""
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
     from tspo.training.prompts import worked_examples_from_json
     from tspo.training.trainer import FEW_SHOT_FILE
 
@@ -149,7 +149,7 @@ def _with_run_examples(config: Any, run_dir: Path) -> Any:
 
 
 def _retriever_spec(args: argparse.Namespace, source: Any) -> Any:
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
     from tspo.evaluation.sources import run_retriever_spec
     from tspo.retrieval import RetrieverSpec
 
@@ -178,7 +178,7 @@ def _retriever_spec(args: argparse.Namespace, source: Any) -> Any:
 
 
 def _questions(args: argparse.Namespace, source: Any) -> tuple[list[Path], Any]:
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
     from tspo.evaluation.sources import canonical_datasets, data_dir_files, run_heldout_files
 
     datasets = canonical_datasets(args.datasets)
@@ -194,9 +194,9 @@ def _questions(args: argparse.Namespace, source: Any) -> tuple[list[Path], Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
     from tspo.configuration import ConfigError, to_dict
     from tspo.data.qa import QAFormatError
+    from tspo.errors import CLIError
     from tspo.evaluation.records import RecordFormatError
     from tspo.evaluation.runner import EvalSettingsMismatch, check_settings, run_evaluation
     from tspo.evaluation.selection import select_examples

@@ -89,7 +89,7 @@ def _corpus_fingerprint(path: Path) -> dict[str, object]:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
     from tspo.retrieval.corpus import CorpusFormatError, count_lines, read_corpus
 
     corpus = Path(args.corpus)
@@ -192,7 +192,7 @@ def _disk_size(directory: Path) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
     from tspo.retrieval.index_io import read_manifest
 
     directory = Path(args.index)

@@ -34,7 +34,7 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
 
     run_dirs = [Path(d) for d in args.run_dirs]
     for run_dir in run_dirs:

@@ -104,7 +104,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
     from tspo.retrieval.server import ServerSettings, serve
 
     try:

@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from tspo.cli import CLIError
     from tspo.configuration import ConfigError, describe, to_dict
+    from tspo.errors import CLIError
     from tspo.training.config import TrainConfig, load_train_config
 
     if args.list_keys:

@@ -42,7 +42,7 @@ def _missing_action(parser: argparse.ArgumentParser) -> int:
 
 
 def run_launch_command(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
+    from tspo.errors import CLIError
     from tspo.integrations.verl.launch import (
         LaunchError,
         check_ready,

@@ -71,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
     from tspo.data.world import WorldConfig, generate_world, write_world
+    from tspo.errors import CLIError
 
     overrides = {
         field.name: getattr(args, field.name)
@@ -112,9 +112,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
     from tspo.data.atomic import atomic_path
     from tspo.data.world import WorldFormatError, format_stats, load_world, world_stats
+    from tspo.errors import CLIError
 
     if args.k < 1:
         raise CLIError(f"--k must be >= 1, got {args.k}")
@@ -136,8 +136,8 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from tspo.cli import CLIError
     from tspo.data.world import WorldFormatError, load_world
+    from tspo.errors import CLIError
 
     try:
         world = load_world(args.directory, verify=False)
