@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 
 #: The run's few-shot examples and one rendered prompt (``tspo eval --model RUN_DIR`` reuses them).
 FEW_SHOT_FILE = "few_shot_examples.json"
+#: The run's initial policy after a warm start (the KL reference), in checkpoint format.
+REFERENCE_DIR = "reference"
 
 
 def seed_everything(seed: int) -> None:
@@ -139,6 +141,9 @@ class Trainer:
         self._attach_examples()
         warm_losses = self._warm_start(demo_pool) if checkpoint is None and cfg.warmstart.steps > 0 else []
         self.model = res.model
+        # Before any checkpoint is loaded: the model is still the initial policy (or, after a warm start,
+        # the saved one can be read back), which is what the KL must anchor to for the whole run.
+        self.ref_model = self._reference_model(checkpoint, warm_started=bool(warm_losses))
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             trainable, lr=cfg.trainer.learning_rate, weight_decay=cfg.trainer.weight_decay
@@ -157,11 +162,8 @@ class Trainer:
             logger.info("resumed from %s at step %d", checkpoint, self.step)
         elif self.resume:
             logger.info("--resume given but %s holds no checkpoint: starting fresh", self.run_dir)
-        self.ref_model = None
-        if cfg.algorithm.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.model).eval()
-            for param in self.ref_model.parameters():
-                param.requires_grad_(False)
+        if self.ref_model is None and cfg.algorithm.kl_coef > 0:
+            self.ref_model = _frozen_copy(self.model)
         self.logger = MetricsLogger(
             self.run_dir,
             tensorboard=cfg.trainer.tensorboard,
@@ -171,6 +173,35 @@ class Trainer:
         )
         for index, loss in enumerate(warm_losses, start=1):
             self.logger.log(0, {"warmstart/step": index, "warmstart/loss": loss})
+
+    def _reference_model(self, checkpoint: Path | None, warm_started: bool) -> torch.nn.Module | None:
+        """The frozen KL reference: the initial policy of the run, whether it starts or resumes.
+
+        Called before ``checkpoint`` is loaded, so ``self.model`` still holds the initial weights, except
+        after a warm start, which a resumed run does not repeat: a fresh run saves the warm-started
+        weights in ``RUN_DIR/reference`` and a resumed one reads them back. ``None`` when
+        ``algorithm.kl_coef`` is 0.
+        """
+        cfg = self.config
+        reference_dir = self.run_dir / REFERENCE_DIR
+        if warm_started:
+            # Saved even with KL off (one copy of the model): a resume may turn the KL on.
+            save_checkpoint(reference_dir, 0, self.model, None, None, None, {}, keep_last=1)
+        if cfg.algorithm.kl_coef <= 0:
+            return None
+        reference = _frozen_copy(self.model)
+        if checkpoint is not None and cfg.warmstart.steps > 0:
+            saved = latest_checkpoint(reference_dir)
+            if saved is None:
+                logger.warning(
+                    "%s holds no saved reference (a run started before it was saved, or with no warm start): "
+                    "the KL reference is the resumed policy, not the run's initial one",
+                    self.run_dir,
+                )
+                return None  # setup() then copies the resumed policy, as runs did before
+            load_checkpoint(saved, reference, restore_rng=False)
+            logger.info("KL reference: the warm-started initial policy saved in %s", saved)
+        return reference
 
     def _attach_examples(self) -> None:
         """Choose ``rollout.protocol.examples`` worked examples from the training split and put them in
@@ -609,6 +640,14 @@ class Trainer:
             except Exception as err:  # plots are a convenience; never fail a finished run on them
                 logger.warning("plotting failed: %s", err)
         return summary
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` in eval mode with no parameter requiring grad (the KL reference)."""
+    reference = copy.deepcopy(model).eval()
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    return reference
 
 
 def _rollout_metrics(
