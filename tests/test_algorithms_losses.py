@@ -124,6 +124,34 @@ def test_aggregation_modes() -> None:
     )
 
 
+def test_seq_mean_token_sum_norm_divides_by_the_loss_scale_factor() -> None:
+    """verl's ``loss_scale_factor``: a constant divisor, so padding columns change nothing."""
+    loss_mat = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 100.0, 100.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    expected = (6 / 10 + 4 / 10) / 2
+    assert float(aggregate_loss(loss_mat, mask, "seq-mean-token-sum-norm", 10)) == pytest.approx(expected)
+    wider = (
+        torch.cat([loss_mat, torch.full((2, 3), 7.0)], dim=1),
+        torch.cat([mask, torch.zeros(2, 3, dtype=torch.bool)], 1),
+    )
+    assert float(aggregate_loss(*wider, "seq-mean-token-sum-norm", 10)) == pytest.approx(expected)
+    assert float(aggregate_loss(*wider, "seq-mean-token-sum-norm")) == pytest.approx((6 / 7 + 4 / 7) / 2)
+    # The other modes ignore it (as verl).
+    assert float(aggregate_loss(loss_mat, mask, "token-mean", 10)) == pytest.approx(2.5)
+    loss, _ = policy_loss(
+        "token_clip",
+        torch.zeros(2, 4),
+        torch.zeros(2, 4),
+        -loss_mat,
+        mask,
+        agg="seq-mean-token-sum-norm",
+        loss_scale_factor=10,
+    )
+    assert float(loss) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="loss_scale_factor must be > 0"):
+        aggregate_loss(loss_mat, mask, "seq-mean-token-sum-norm", 0)
+
+
 def test_aggregation_of_empty_mask_is_zero_not_nan() -> None:
     loss_mat, mask = torch.ones(2, 3), torch.zeros(2, 3)
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):

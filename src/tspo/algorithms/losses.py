@@ -22,18 +22,22 @@ from tspo.algorithms.registry import Registry
 
 # ------------------------------------------------------------------------------------------ aggregation
 
-LossAggregation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossAggregation = Callable[..., torch.Tensor]
 LOSS_AGGREGATIONS: Registry[LossAggregation] = Registry("loss aggregation")
 
 
 @LOSS_AGGREGATIONS.register("token-mean")
-def _token_mean(loss_mat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _token_mean(
+    loss_mat: torch.Tensor, mask: torch.Tensor, loss_scale_factor: float | None = None
+) -> torch.Tensor:
     """Mean over all generated tokens of the batch (DAPO's token-level loss; verl's default)."""
     return torch.where(mask, loss_mat, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 @LOSS_AGGREGATIONS.register("seq-mean-token-mean")
-def _seq_mean_token_mean(loss_mat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _seq_mean_token_mean(
+    loss_mat: torch.Tensor, mask: torch.Tensor, loss_scale_factor: float | None = None
+) -> torch.Tensor:
     """Mean over sequences of each sequence's token mean (the original GRPO objective, GSPO).
 
     A sequence without generated tokens contributes 0 and still counts in the mean over B, so the loss
@@ -44,14 +48,26 @@ def _seq_mean_token_mean(loss_mat: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 @LOSS_AGGREGATIONS.register("seq-mean-token-sum-norm")
-def _seq_mean_token_sum_norm(loss_mat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over sequences of the token sum divided by the constant L (Dr.GRPO's constant normaliser,
-    arXiv 2503.20783), so that long and short answers are not weighted by their length."""
-    per_sequence = torch.where(mask, loss_mat, 0.0).sum(dim=-1) / max(1, mask.shape[-1])
+def _seq_mean_token_sum_norm(
+    loss_mat: torch.Tensor, mask: torch.Tensor, loss_scale_factor: float | None = None
+) -> torch.Tensor:
+    """Mean over sequences of the token sum divided by a constant (Dr.GRPO, arXiv 2503.20783), so that
+    long and short answers are not weighted by their length.
+
+    The constant is ``loss_scale_factor``, as verl's ``actor.loss_scale_factor``; without one it is the
+    width L of ``loss_mat`` (verl's fallback), which depends on how the batch was padded.
+    """
+    scale = loss_mat.shape[-1] if loss_scale_factor is None else loss_scale_factor
+    per_sequence = torch.where(mask, loss_mat, 0.0).sum(dim=-1) / max(1, scale)
     return per_sequence.mean()
 
 
-def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean") -> torch.Tensor:
+def aggregate_loss(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    loss_scale_factor: float | None = None,
+) -> torch.Tensor:
     """Reduce a per-token loss to a scalar over the generated tokens.
 
     Args:
@@ -59,6 +75,8 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "toke
         mask: (B, L) float or bool, non-zero on generated tokens.
         mode: a name in ``LOSS_AGGREGATIONS``: ``token-mean`` (default), ``seq-mean-token-mean``,
             ``seq-mean-token-sum-norm``.
+        loss_scale_factor: the constant normaliser of ``seq-mean-token-sum-norm`` (> 0; other modes
+            ignore it, as verl). ``None`` divides by L, which changes with the padding of the batch.
 
     Returns:
         0-dim tensor.
@@ -68,7 +86,13 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "toke
     require_tensor("mask", mask)
     require_ndim("loss_mat", loss_mat, 2, "(B, L)")
     require_same_shape("mask", mask, "loss_mat", loss_mat)
-    return aggregation(loss_mat, as_bool_mask(mask))
+    _check_scale_factor(loss_scale_factor)
+    return aggregation(loss_mat, as_bool_mask(mask), loss_scale_factor=loss_scale_factor)
+
+
+def _check_scale_factor(loss_scale_factor: float | None) -> None:
+    if loss_scale_factor is not None and not loss_scale_factor > 0:
+        raise ValueError(f"loss_scale_factor must be > 0 (or None), got {loss_scale_factor}")
 
 
 # ---------------------------------------------------------------------------------- sequence-level ratio
@@ -119,6 +143,7 @@ def policy_loss(
     eps_high: float = 0.2,
     dual_clip: float | None = None,
     agg: str = "token-mean",
+    loss_scale_factor: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient loss ``name`` from ``POLICY_LOSSES`` (``token_clip``, ``seq_clip``).
 
@@ -132,6 +157,8 @@ def policy_loss(
         dual_clip: constant c > 1 of dual-clip PPO (Ye et al. 2020, arXiv 1912.09729): for negative
             advantages the loss is bounded by ``-c * A``. None disables it.
         agg: a name in ``LOSS_AGGREGATIONS``.
+        loss_scale_factor: the constant normaliser of ``seq-mean-token-sum-norm`` (see
+            :func:`aggregate_loss`).
 
     Returns:
         ``(loss, metrics)``: a 0-dim loss to minimise and detached 0-dim metrics ``clip_fraction``,
@@ -147,13 +174,14 @@ def policy_loss(
         raise ValueError(f"eps_high must be >= 0, got {eps_high}")
     if dual_clip is not None and not dual_clip > 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip}")
+    _check_scale_factor(loss_scale_factor)
     mask = as_bool_mask(loss_mask)
     # Zero every masked position first: nothing an observation token holds can reach the loss or grads.
     logp_new = torch.where(mask, logp_new, 0.0)
     logp_old = torch.where(mask, logp_old.detach(), 0.0)
     advantages = torch.where(mask, advantages.detach(), 0.0)
     loss_mat, ratio, extra = loss_fn(logp_new, logp_old, advantages, mask, eps_low, eps_high, dual_clip)
-    loss = aggregation(loss_mat, mask)
+    loss = aggregation(loss_mat, mask, loss_scale_factor=loss_scale_factor)
     metrics = {**extra, **_ratio_metrics(ratio.detach(), logp_new.detach() - logp_old, mask)}
     return loss, metrics
 

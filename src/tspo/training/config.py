@@ -147,6 +147,14 @@ class AlgorithmConfig:
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = field(
         default="token-mean", metadata=_help("how token losses are aggregated")
     )
+    loss_scale_factor: int | None = field(
+        default=None,
+        metadata=_help(
+            "constant divisor of seq-mean-token-sum-norm (verl's actor.loss_scale_factor); null: the "
+            "most tokens a trajectory can generate, min((rollout.max_turns + 1) x rollout.max_new_tokens, "
+            "rollout.max_context_tokens)"
+        ),
+    )
     kl_coef: float = field(
         default=0.001, metadata=_help("KL-to-reference coefficient in the loss (0 disables)")
     )
@@ -165,6 +173,10 @@ class AlgorithmConfig:
             raise ValueError(f"algorithm.gamma must be in (0, 1], got {self.gamma}")
         if self.dual_clip is not None and not self.dual_clip > 1.0:
             raise ValueError(f"algorithm.dual_clip must be > 1 (or null to disable), got {self.dual_clip}")
+        if self.loss_scale_factor is not None and not self.loss_scale_factor > 0:
+            raise ValueError(
+                f"algorithm.loss_scale_factor must be > 0 (or null for the default), got {self.loss_scale_factor}"
+            )
         self.resolved()  # an option the algorithm's estimator does not take fails here, at load time
 
     def resolved(self) -> ResolvedAlgorithm:
@@ -329,6 +341,21 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+    @property
+    def loss_scale_factor(self) -> int:
+        """The constant divisor of ``seq-mean-token-sum-norm``: ``algorithm.loss_scale_factor`` when set,
+        else the most tokens one trajectory can generate (the sum it divides can never exceed it).
+
+        A trajectory has at most ``max_turns + 1`` generations (``max_turns`` rounds, then the final
+        answer-only one) of at most ``max_new_tokens`` each, and never more than ``max_context_tokens``
+        in all. Observation tokens are not counted: they are not in the loss (verl's default, its padded
+        response width, counts them, so set the value explicitly to match a verl run).
+        """
+        if self.algorithm.loss_scale_factor is not None:
+            return self.algorithm.loss_scale_factor
+        rollout = self.rollout
+        return min((rollout.max_turns + 1) * rollout.max_new_tokens, rollout.max_context_tokens)
 
 
 def preset_names() -> list[str]:
