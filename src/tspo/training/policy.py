@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from tspo.algorithms import entropy_from_logits
 from tspo.trajectory import TrajectoryBatch
@@ -164,9 +166,67 @@ def float32_output_head(model: torch.nn.Module, enabled: bool = True) -> Iterato
             del head.forward
 
 
+#: Elements of one chunk of float32 logits (positions x vocabulary): 2**25 = 128 MiB, 220 positions of
+#: Qwen2.5's 151,936-token vocabulary. A log-probability pass holds a few chunks, never (B, L, V).
+LOGIT_CHUNK_ELEMENTS = 1 << 25
+
+# Architectures whose causal-LM forward is exactly ``lm_head(decoder(...).last_hidden_state)``, so the
+# hidden states can be cut to the scored positions before the head. Any other (logit soft-capping,
+# logit scales, ...) runs its own forward, with ``logits_to_keep`` where it takes it.
+_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder body, LM head) of a plain-head causal LM (peft adapters stay active inside the body)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) not in _PLAIN_HEAD_MODEL_TYPES:
+        return None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if decoder is None or decoder is base or head is None:
+        return None
+    return decoder, head
+
+
+def _head_logits(hidden: torch.Tensor, head: torch.nn.Module, bf16: bool) -> torch.Tensor:
+    """(N, V) float32 logits of (N, H) hidden states: a float32-stored head computes in float32 even
+    under bf16 autocast (as :func:`float32_output_head`); any other head under the run's autocast."""
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dtype == torch.float32:
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return head(hidden.float())
+    with autocast_context(hidden.device, bf16):
+        return head(hidden).float()
+
+
+def _chunk_scores(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability (N,) of ``targets`` (N,) and, if asked, the entropy (N,), from ``features`` (N, H)
+    that ``project`` maps to (N, V) float32 logits.
+
+    ``log p = z_target - logsumexp(z)``: the chosen token's entry, not a (N, V) log-softmax.
+    """
+    logits = project(features)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    entropy = None
+    if with_entropy:
+        # Entropy as a metric only (no bonus) needs no graph.
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
+    return logprobs, entropy
 
 
 def response_scores(
@@ -177,40 +237,114 @@ def response_scores(
     with_entropy: bool = False,
     entropy_grad: bool = True,
     bf16: bool = False,
+    positions: torch.Tensor | None = None,
+    chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
 ) -> ResponseScores:
-    """Log-probability (and optionally entropy) of every response token of ``batch``.
+    """Log-probability (and optionally entropy) of the response tokens of ``batch``.
 
     Returns tensors of shape (B, L) aligned with ``batch.response_ids``: position t holds
-    ``log p(response[t] | prompt, response[:t])``. Gradients flow when called with grad enabled.
-    The logits are divided by the sampling ``temperature`` so the numbers match the sampler's. Under
-    ``bf16`` the model runs in bf16 autocast but the LM head and the log-softmax in float32.
+    ``log p(response[t] | prompt, response[:t])`` where ``positions`` (B, L) is true (default: the
+    response mask, every real response token) and 0 elsewhere. Gradients flow when called with grad
+    enabled. The logits are divided by the sampling ``temperature`` so the numbers match the sampler's.
+    Under ``bf16`` the model runs in bf16 autocast but the LM head and the log-softmax in float32.
+
+    Memory: the hidden states are cut to the scored positions before the LM head, and the head, the
+    ``logsumexp`` and the entropy run over ``chunk_elements / V`` positions at a time; with gradients each
+    chunk is recomputed in the backward pass (activation checkpointing) instead of keeping its logits.
+    No (B, L, V) tensor exists, only (N, H) hidden states and one (chunk, V) block.
     """
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
     attention_mask = batch.attention_mask.to(device)
-    response_len = batch.response_ids.shape[1]
-    # input_ids is (B, P + L). Logits at position p predict token p + 1, so the response is predicted
-    # by positions P - 1 .. P + L - 2: the last L + 1 but one. The prompt needs no (B, P, V) projection.
-    extra = {"logits_to_keep": response_len + 1} if _accepts_logits_to_keep(model) else {}
-    with autocast_context(device, bf16), float32_output_head(model, enabled=bf16):
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-            **extra,
-        ).logits
-    logits = logits[:, -(response_len + 1) : -1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = batch.response_ids.to(device)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        # Entropy as a metric only (no bonus) needs no graph: skip the (B, L, V) backward memory.
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = entropy_from_logits(logits if entropy_grad else logits.detach())
+    prompt_len = batch.prompt_ids.shape[1]
+    size, response_len = batch.response_ids.shape
+    where = (batch.response_mask if positions is None else positions).to(device).bool()
+    if where.shape != (size, response_len):
+        raise ValueError(f"positions must have shape {(size, response_len)}, got {tuple(where.shape)}")
+    rows, cols = where.nonzero(as_tuple=True)
+    targets = batch.response_ids.to(device)[rows, cols]
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "use_cache": False,
+    }
+    # Logits at position p predict token p + 1: response token t is predicted at P - 1 + t.
+    parts = _decoder_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        with autocast_context(device, bf16):
+            hidden = decoder(**inputs).last_hidden_state
+        features = hidden[rows, cols + prompt_len - 1]
+        vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+        project: Callable[[torch.Tensor], torch.Tensor] = partial(_head_logits, head=head, bf16=bf16)
+    else:
+        # Some other head: the model's own forward, logits for the response slice only where it can.
+        extra = {"logits_to_keep": response_len + 1} if _accepts_logits_to_keep(model) else {}
+        with autocast_context(device, bf16), float32_output_head(model, enabled=bf16):
+            logits = model(**inputs, **extra).logits
+        features = logits[:, -(response_len + 1) : -1][rows, cols]
+        vocab = logits.shape[-1]
+        project = _as_float32
+    chunk = max(1, chunk_elements // max(1, vocab))
+    checkpointed = torch.is_grad_enabled() and features.requires_grad
+    logprob_parts: list[torch.Tensor] = []
+    entropy_parts: list[torch.Tensor] = []
+    for start in range(0, features.shape[0], chunk):
+        args = (features[start : start + chunk], targets[start : start + chunk])
+        kwargs = {
+            "project": project,
+            "temperature": temperature,
+            "with_entropy": with_entropy,
+            "entropy_grad": entropy_grad,
+        }
+        if checkpointed:
+            # The chunk's (chunk, V) logits are recomputed in backward rather than kept for it.
+            logprobs, entropy = torch.utils.checkpoint.checkpoint(
+                _chunk_scores, *args, use_reentrant=False, preserve_rng_state=False, **kwargs
+            )
+        else:
+            logprobs, entropy = _chunk_scores(*args, **kwargs)
+        logprob_parts.append(logprobs)
+        if entropy is not None:
+            entropy_parts.append(entropy)
+    full = torch.zeros(size, response_len, dtype=torch.float32, device=device)
+    logprobs = full.index_put((rows, cols), _cat(logprob_parts, features))
+    entropy = full.index_put((rows, cols), _cat(entropy_parts, features)) if with_entropy else None
     return ResponseScores(logprobs=logprobs, entropy=entropy)
+
+
+def _as_float32(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float()
+
+
+def _cat(parts: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The chunks end to end; an empty (0,) float32 tensor when nothing was scored."""
+    return torch.cat(parts) if parts else like.new_zeros(0, dtype=torch.float32)
+
+
+def trim_padding(batch: TrajectoryBatch) -> TrajectoryBatch:
+    """``batch`` as wide as its own longest rows: without the prompt columns that are left padding in
+    every row and the response columns that are right padding in every row (at least one is kept).
+
+    A micro-batch cut from a step's batch keeps the step's padding (:meth:`TrajectoryBatch.select`);
+    trimmed, it costs what its own rows need. The kept response columns are the first ones, so (b, L')
+    results line up with the first L' columns of the untrimmed tensors.
+    """
+    prompt_used = batch.prompt_mask.bool().any(dim=0)
+    start = int(prompt_used.long().argmax()) if bool(prompt_used.any()) else prompt_used.shape[0]
+    response_used = batch.response_mask.bool().any(dim=0).nonzero()
+    end = max(1, int(response_used[-1]) + 1 if response_used.numel() else 1)
+    return TrajectoryBatch(
+        prompt_ids=batch.prompt_ids[:, start:],
+        prompt_mask=batch.prompt_mask[:, start:],
+        response_ids=batch.response_ids[:, :end],
+        response_mask=batch.response_mask[:, :end],
+        loss_mask=batch.loss_mask[:, :end],
+        token_turn_index=batch.token_turn_index[:, :end],
+        sample_logprobs=batch.sample_logprobs[:, :end],
+        turn_mask=batch.turn_mask,
+    )
 
 
 @torch.no_grad()
@@ -221,14 +355,17 @@ def batched_logprobs(
     temperature: float = 1.0,
     bf16: bool = False,
 ) -> torch.Tensor:
-    """(B, L) log-probabilities without gradient, computed in micro-batches."""
+    """(B, L) log-probabilities of the generated tokens (0 elsewhere) without gradient, computed in
+    micro-batches, each trimmed to its own longest row (:func:`trim_padding`)."""
     was_training = model.training
     model.eval()
-    chunks = []
+    result = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
     for start in range(0, batch.batch_size, micro_batch_size):
         rows = list(range(start, min(start + micro_batch_size, batch.batch_size)))
-        chunks.append(
-            response_scores(model, batch.select(rows), temperature=temperature, bf16=bf16).logprobs.cpu()
+        micro = trim_padding(batch.select(rows))
+        scores = response_scores(
+            model, micro, temperature=temperature, bf16=bf16, positions=micro.loss_mask.bool()
         )
+        result[rows, : micro.response_ids.shape[1]] = scores.logprobs.cpu()
     model.train(was_training)
-    return torch.cat(chunks, dim=0)
+    return result

@@ -291,6 +291,7 @@ class Trainer:
             eps_high=alg.eps_high,
             dual_clip=alg.dual_clip,
             loss_agg=alg.loss_agg,
+            loss_scale_factor=self.config.loss_scale_factor,
             kl_coef=alg.kl_coef,
             kl_kind=alg.kl_kind,
             entropy_coef=alg.entropy_coef,

@@ -2,8 +2,10 @@
 
 Micro-batches accumulate gradients; each micro-batch loss is weighted by its share of the
 normaliser (tokens for ``token-mean``, sequences otherwise), so the accumulated gradient equals the
-gradient of the loss over the whole batch. All masks are the loss mask: observation tokens never
-enter the policy loss, the KL, the entropy or the normaliser.
+gradient of the loss over the whole batch. Each micro-batch is trimmed to its own longest row and
+``seq-mean-token-sum-norm`` divides by a constant, so neither the padding nor the micro-batch size
+changes the loss. All masks are the loss mask: observation tokens never enter the policy loss, the KL,
+the entropy or the normaliser, and log-probabilities are computed only at those tokens.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from tspo.algorithms import aggregate_loss, kl_penalty, policy_loss
-from tspo.training.policy import response_scores
+from tspo.training.policy import response_scores, trim_padding
 from tspo.trajectory import TrajectoryBatch
 
 
@@ -26,6 +28,9 @@ class UpdateSettings:
     eps_high: float = 0.28
     dual_clip: float | None = None
     loss_agg: str = "token-mean"
+    # seq-mean-token-sum-norm's constant divisor; None: the step batch's padded response width (the old
+    # rule: the loss scale then depends on what else is in the batch).
+    loss_scale_factor: float | None = None
     kl_coef: float = 0.001
     kl_kind: str = "low_var_kl"
     entropy_coef: float = 0.0
@@ -79,11 +84,13 @@ def policy_update(
     counts: dict[str, int] = defaultdict(int)
     params = [p for p in model.parameters() if p.requires_grad]
     rows_all = list(range(batch.batch_size))
+    scale = batch.response_ids.shape[1] if settings.loss_scale_factor is None else settings.loss_scale_factor
     for _ in range(settings.epochs):
         optimizer.zero_grad(set_to_none=True)
         for start in range(0, batch.batch_size, settings.micro_batch_size):
             rows = rows_all[start : start + settings.micro_batch_size]
-            micro = batch.select(rows)
+            micro = trim_padding(batch.select(rows))
+            width = micro.response_ids.shape[1]  # the (B, L) inputs are cut to the same first columns
             micro_mask = micro.loss_mask.to(device)
             if micro_mask.sum() == 0:
                 continue
@@ -94,29 +101,34 @@ def policy_update(
                 with_entropy=True,
                 entropy_grad=settings.entropy_coef > 0,
                 bf16=settings.bf16,
+                positions=micro_mask.bool(),
             )
             loss, metrics = policy_loss(
                 settings.policy_loss,
                 scores.logprobs,
-                scores.logprobs.detach() if old_logprobs is None else old_logprobs[rows].to(device),
-                advantages[rows].to(device),
+                scores.logprobs.detach() if old_logprobs is None else old_logprobs[rows, :width].to(device),
+                advantages[rows, :width].to(device),
                 micro_mask,
                 eps_low=settings.eps_low,
                 eps_high=settings.eps_high,
                 dual_clip=settings.dual_clip,
                 agg=settings.loss_agg,
+                loss_scale_factor=scale,
             )
             total = loss
             if settings.kl_coef > 0:
                 kl = aggregate_loss(
-                    kl_penalty(scores.logprobs, ref_logprobs[rows].to(device), settings.kl_kind, micro_mask),
+                    kl_penalty(
+                        scores.logprobs, ref_logprobs[rows, :width].to(device), settings.kl_kind, micro_mask
+                    ),
                     micro_mask,
                     settings.loss_agg,
+                    scale,
                 )
                 total = total + settings.kl_coef * kl
                 metrics = {**metrics, "kl": kl.detach()}
             if scores.entropy is not None:
-                entropy = aggregate_loss(scores.entropy, micro_mask, settings.loss_agg)
+                entropy = aggregate_loss(scores.entropy, micro_mask, settings.loss_agg, scale)
                 if settings.entropy_coef > 0:
                     total = total - settings.entropy_coef * entropy
                 metrics = {**metrics, "entropy": entropy.detach()}
