@@ -48,6 +48,8 @@ class InvalidReason(str, Enum):
     NO_TAG = "no_tag"
     UNCLOSED_TAG = "unclosed_tag"
     EMPTY_CONTENT = "empty_content"
+    # Never returned by parse_action: a well-formed search in the final, search-less generation.
+    SEARCH_AFTER_LIMIT = "search_after_limit"
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,26 @@ class TurnAction(str, Enum):
     TRUNCATED = "truncated"
 
 
+class StopReason(str, Enum):
+    """Why a trajectory ended (``Trajectory.metadata["stop_reason"]``); one vocabulary for every loop."""
+
+    ANSWER = "answer"
+    # The generation reached its own token limit without closing an action tag.
+    GENERATION_TRUNCATED = "generation_truncated"
+    # The final, search-less generation searched anyway; the search is not run.
+    SEARCH_AFTER_LIMIT = "search_after_limit"
+    # The final generation was an invalid action.
+    INVALID_FINAL = "invalid_final"
+    # The token budget (prompt + response, or response alone under verl) is spent.
+    CONTEXT_LIMIT = "context_limit"
+    # The prompt alone fills the context: nothing was generated.
+    PROMPT_TOO_LONG = "prompt_too_long"
+    # The retriever failed for this trajectory's query (``Trajectory.error`` says how).
+    RETRIEVAL_ERROR = "retrieval_error"
+    # The generation server aborted the request (verl) and returned nothing.
+    ABORTED = "aborted"
+
+
 @dataclass
 class Turn:
     """One call of the policy plus what the environment appended after it.
