@@ -19,11 +19,14 @@ from tspo.rollout.engines import (
     StopScanner,
     make_engine,
 )
+from tspo.rollout.env import EnvLimits, Episode, SearchEnv, Step
 from tspo.rollout.loop import COUNTER_NAMES, RolloutResult, RolloutTask, build_prompt_ids, run_rollouts
 
 __all__ = [
     "COUNTER_NAMES",
     "ENGINE_KINDS",
+    "EnvLimits",
+    "Episode",
     "GenerationEngine",
     "GenerationOutput",
     "HFEngine",
@@ -34,6 +37,8 @@ __all__ = [
     "SamplingParams",
     "ScriptCall",
     "ScriptedEngine",
+    "SearchEnv",
+    "Step",
     "StopScanner",
     "VLLMEngine",
     "build_prompt_ids",
