@@ -258,3 +258,22 @@ def test_loss_scale_factor_defaults_to_the_generation_budget():
     assert load_train_config("tiny", None, ["algorithm.loss_scale_factor=3000"]).loss_scale_factor == 3000
     with pytest.raises(Exception, match="loss_scale_factor must be > 0"):
         load_train_config("tiny", None, ["algorithm.loss_scale_factor=0"])
+
+
+def test_lora_adapters_are_scored_through_the_cut_decoder():
+    """With peft the body keeps its adapters: the scores equal the wrapped model's own full logits."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_model(),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    assert policy._decoder_and_head(model) is not None
+    batch, _ = ragged_batch()
+    expected, _ = naive_scores(model, batch)
+    with torch.no_grad():
+        got = response_scores(model, batch).logprobs
+        with model.disable_adapter():
+            base = response_scores(model, batch).logprobs
+    mask = batch.response_mask.bool()
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
+    assert (got[mask] - base[mask]).abs().max() > 1e-3, "the adapters changed nothing"
