@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -312,6 +311,7 @@ def test_multi_turn_rollout_records_turns_masks_and_places_rewards(tokenizer_dir
     assert fields["tspo_turn_actions"] == ["search", "search", "invalid", "answer"]
     assert fields["tspo_queries"] == ["Charles Babbage engine", "Ada Lovelace born", "", ""]
     assert fields["tspo_first_hit_turn"] == 1 and fields["tspo_num_turns"] == 4
+    assert fields["tspo_stop_reason"] == "answer" and fields["tspo_error"] is None
     assert fields["tspo_generated_texts"] == generations
     assert fields["min_global_steps"] == fields["max_global_steps"] == 7
 
@@ -348,17 +348,23 @@ def test_rollout_cut_off_after_a_hitting_search_keeps_hit_and_outcome_apart(
     observation = tokenizer.encode(
         format_observation(search(retrieval_url, "Ada Lovelace born")), add_special_tokens=False
     )
-    budget = len(first) + len(observation) - 4  # the observation loses its last tokens
+    budget = len(first) + len(observation) - 1  # the observation loses its last token
     server = ReplayServerManager(
         [first, tokenizer.encode("<answer> London </answer>", add_special_tokens=False)]
     )
     config = trainer_config(tokenizer_dir, response_length=budget)
     output = run_rollout(config, tokenizer, server, retrieval_url, logprobs=False)
     assert len(server.requests) == 1  # no budget left for a second generation
-    assert output.response_ids == first + observation[: budget - len(first)]
+    # The cut block keeps its closing tag (the env's rule, as in the local loop).
+    suffix = tokenizer.encode("</information>\n\n", add_special_tokens=False)
+    kept = observation[: budget - len(first) - len(suffix)] + suffix
+    assert output.response_ids == first + kept
     assert output.response_mask == [1] * len(first) + [0] * (budget - len(first))
     assert output.response_logprobs is None
     assert output.extra_fields["tspo_first_hit_turn"] == 0 and output.extra_fields["tspo_truncated"]
+    assert output.extra_fields["tspo_stop_reason"] == "context_limit"
+    assert output.trajectory.turns[0].observation_text == tokenizer.decode(kept)
+    assert "London" in tokenizer.decode(kept)  # the cut spared the answer: the turn still hits
     assert output.reward_score == 0.0  # no answer
     rm_scores = output.as_dict()["rm_scores"]
     assert rm_scores[-1].item() == pytest.approx(ALPHA)  # the cut observation's last token
@@ -375,20 +381,48 @@ def test_search_after_the_turn_limit_is_not_run(tokenizer_dir, tokenizer, retrie
     config = trainer_config(tokenizer_dir, response_length=1024)
     output = run_rollout(config, tokenizer, server, retrieval_url, score=False, max_turns=1)
     assert output.extra_fields["tspo_turn_actions"] == ["search", "invalid"]
+    assert output.extra_fields["tspo_stop_reason"] == "search_after_limit"
+    assert output.trajectory.turns[1].invalid_reason == "search_after_limit"
     assert output.extra_fields["tspo_first_hit_turn"] == -1  # the second search never ran
     assert output.response_mask[-len(script[1]) :] == [1] * len(script[1])
     assert output.turn_terms == [0.0, 0.0]
 
 
-def test_unreachable_retriever_fails_the_rollout_naming_the_url(tokenizer_dir, tokenizer):
+def test_unreachable_retriever_fails_the_trajectory_naming_the_url(tokenizer_dir, tokenizer):
+    """As in the local loop: the trajectory ends with the error recorded, the rollout returns."""
     with socket.socket() as probe:  # a loopback port with nothing listening
         probe.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    server = ReplayServerManager([tokenizer.encode("<search> x </search>", add_special_tokens=False)])
+    first = tokenizer.encode("<search> x </search>", add_special_tokens=False)
+    server = ReplayServerManager([first])
     config = trainer_config(tokenizer_dir, response_length=256)
-    client = HTTPRetriever(dead_url, timeout=2, retries=0)
-    with pytest.raises(RetrievalUnavailableError, match=re.escape(dead_url)):
-        run_rollout(config, tokenizer, server, dead_url, score=False, search_client=client)
+    client = HTTPRetriever(dead_url, timeout=2, retries=0, retry_budget_s=0)
+    output = run_rollout(config, tokenizer, server, dead_url, score=False, search_client=client)
+    fields = output.extra_fields
+    assert fields["tspo_stop_reason"] == "retrieval_error" and fields["tspo_turn_actions"] == ["search"]
+    assert RetrievalUnavailableError.__name__ in fields["tspo_error"] and dead_url in fields["tspo_error"]
+    assert "'x'" in fields["tspo_error"] and output.trajectory.turns[0].error == fields["tspo_error"]
+    assert output.response_ids == first and output.response_mask == [1] * len(first)
+
+
+def test_an_aborted_generation_ends_the_trajectory(tokenizer_dir, tokenizer):
+    """verl's server aborts a request (weights being swapped, partial rollout off) with no tokens."""
+
+    class Aborting(ReplayServerManager):
+        async def generate(self, request_id: str, **kwargs: Any):
+            output = await super().generate(request_id, **kwargs)
+            if not output.token_ids:
+                output.stop_reason = "aborted"
+            return output
+
+    first = tokenizer.encode("not sure", add_special_tokens=False)
+    server = Aborting([first, []])
+    config = trainer_config(tokenizer_dir, response_length=256)
+    output = run_rollout(config, tokenizer, server, "http://127.0.0.1:1", score=False)
+    assert len(server.requests) == 2
+    assert output.extra_fields["tspo_stop_reason"] == "aborted"
+    assert output.extra_fields["tspo_turn_actions"] == ["invalid"]  # the aborted call left no turn
+    assert output.response_ids == first + tokenizer.encode(INVALID_ACTION_MESSAGE, add_special_tokens=False)
 
 
 def test_retriever_token_comes_from_the_environment(tmp_path, tokenizer_dir, tokenizer, monkeypatch):
@@ -401,11 +435,12 @@ def test_retriever_token_comes_from_the_environment(tmp_path, tokenizer_dir, tok
     config = trainer_config(tokenizer_dir, response_length=256)
     with tspo_serve(tmp_path, "--token", "s3cret") as url:
         monkeypatch.delenv("TSPO_RETRIEVAL_TOKEN", raising=False)
-        with pytest.raises(RetrievalRequestError, match="401"):
-            run_rollout(config, tokenizer, ReplayServerManager(list(script)), url, score=False)
+        refused = run_rollout(config, tokenizer, ReplayServerManager(list(script)), url, score=False)
+        assert RetrievalRequestError.__name__ in refused.extra_fields["tspo_error"]
+        assert "401" in refused.extra_fields["tspo_error"]
         monkeypatch.setenv("TSPO_RETRIEVAL_TOKEN", "s3cret")
         output = run_rollout(config, tokenizer, ReplayServerManager(list(script)), url, score=False)
-    assert output.extra_fields["tspo_first_hit_turn"] == 0
+    assert output.extra_fields["tspo_first_hit_turn"] == 0 and output.extra_fields["tspo_error"] is None
 
 
 def test_bad_options_are_refused(tokenizer_dir, tokenizer):

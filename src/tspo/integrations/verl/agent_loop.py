@@ -12,13 +12,14 @@ Registered in verl's agent-loop registry as ``tspo_search_r1``
       max_turns: 4
       folr_alpha: 0.3
 
-The loop (DESIGN sections 2-3): generate until ``</search>`` or ``</answer>`` (stop strings), parse the
-action (:func:`tspo.protocol.parse_action`), call ``tspo serve`` for a search and append
-``<information>...</information>``, or append the corrective message after an invalid action; after
-``max_turns`` searches, one last generation without search. Token-in/token-out: generated ids are kept as
-the server returned them, observations are tokenized once and appended with ``response_mask`` 0, and
-nothing is decoded and re-tokenized to rebuild the sequence. The turns are recorded with
-:class:`tspo.trajectory.TrajectoryBuilder`; the first-hit turn comes from :func:`tspo.rewards.first_hit_turn`
+The protocol step is :class:`tspo.rollout.env.SearchEnv`, the object the local rollout loop drives:
+same actions, round limit, truncations, observation text and tokens, reasons
+(``extra_fields["tspo_stop_reason"]``) and retriever-failure policy (a failed search ends that
+trajectory with ``retrieval_error``, naming the query and exception in ``extra_fields["tspo_error"]``;
+the rest of the batch goes on). This class only adapts it to verl's token-in/token-out server: one
+``generate`` per turn with stop strings and ``max_tokens`` = the env's limit, one search call per
+search turn. Generated ids are kept as the server returned them, observations are tokenized once and
+appended with ``response_mask`` 0. The first-hit turn comes from :func:`tspo.rewards.first_hit_turn`
 and the partial reward from :func:`tspo.rewards.turn_rewards`.
 
 Reward placement (:mod:`tspo.integrations.verl.layout`): verl's reward path scores the outcome ``o``
@@ -50,17 +51,18 @@ from tspo.integrations.verl.reward import (
     NUM_TURNS_KEY,
     golds_from_ground_truth,
 )
-from tspo.protocol import ActionKind, format_observation, invalid_observation, parse_action
+from tspo.protocol import DEFAULT_PROTOCOL
 from tspo.rewards import HitMode, first_hit_turn, turn_rewards
-from tspo.trajectory import Trajectory, TrajectoryBuilder, TurnAction
+from tspo.rollout.env import EnvLimits, SearchEnv, SearchResult, check_result_count
+from tspo.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
 
 AGENT_NAME = "tspo_search_r1"
 #: Environment variable holding the retrieval server's bearer token (the one `tspo serve` reads).
 TOKEN_ENV = "TSPO_RETRIEVAL_TOKEN"
-#: Why the final generation's search was not run (recorded as an invalid action).
-SEARCH_LIMIT_REASON = "search_limit"
+#: Stop reasons of verl's server that mean the request was aborted.
+ABORTED = ("aborted", "abort")
 
 
 class SearchClient(Protocol):
@@ -87,6 +89,8 @@ class SearchR1AgentLoopOutput(AgentLoopOutput):
 
     turn_ends: list[int] = Field(default_factory=list, exclude=True)
     turn_terms: list[float] = Field(default_factory=list, exclude=True)
+    # The full turn record (docs, observation texts, reasons) for callers and tests; never in the batch.
+    trajectory: Trajectory | None = Field(default=None, exclude=True)
 
     def as_dict(self) -> dict[str, Any]:
         output = super().as_dict()
@@ -115,9 +119,10 @@ class SearchR1AgentLoop(AgentLoopBase):
         max_observation_tokens: observations are cut to this many tokens (Search-R1's ``max_obs_length``).
         search_timeout / search_retries: per-request timeout (s) and retries of the search client.
         search_client: an object with ``async asearch(queries, k)``; default: a
-            :class:`tspo.retrieval.HTTPRetriever` of ``retriever_url`` (timeouts, retries with backoff;
-            a server that stays down raises ``RetrievalUnavailableError`` naming the URL, which verl
-            records as a failed rollout of that prompt).
+            :class:`tspo.retrieval.HTTPRetriever` of ``retriever_url`` (timeouts, retries with backoff).
+            When it still fails (a server that stays down raises ``RetrievalUnavailableError`` naming
+            the URL) the trajectory ends with ``retrieval_error``, as in the local loop, and a warning
+            is logged; the rest of the batch goes on.
     """
 
     def __init__(
@@ -160,6 +165,13 @@ class SearchR1AgentLoop(AgentLoopBase):
         self._search_client = search_client
         self.prompt_length = self.rollout_config.prompt_length
         self.response_length = self.rollout_config.response_length
+        limits = EnvLimits(
+            max_turns=self.max_turns,
+            max_new_tokens=max_tokens_per_turn,
+            max_observation_tokens=self.max_observation_tokens,
+            max_response_tokens=self.response_length,  # verl pads prompt and response apart
+        )
+        self.env = SearchEnv(self.tokenizer, limits, DEFAULT_PROTOCOL)
 
     @property
     def search_client(self) -> SearchClient:
@@ -171,10 +183,8 @@ class SearchR1AgentLoop(AgentLoopBase):
 
     def _stop_params(self, sampling_params: dict[str, Any], max_tokens: int) -> dict[str, Any]:
         """Sampling parameters of one turn: stop at the first ``</search>`` / ``</answer>``."""
-        from tspo.protocol import DEFAULT_PROTOCOL
-
         params = dict(sampling_params)
-        params["stop"] = list(DEFAULT_PROTOCOL.stop_strings)
+        params["stop"] = list(self.env.protocol.stop_strings)
         params["max_tokens"] = max_tokens
         # Keep the stop string in the returned text; ids are returned as generated either way.
         if self.rollout_config.name == "sglang":
@@ -189,24 +199,18 @@ class SearchR1AgentLoop(AgentLoopBase):
         request_id = uuid4().hex
         priority = int(kwargs.get("priority", 0))  # verl's per-sample vLLM scheduling priority
         prompt_ids = await self.ct_build_initial_tokens(messages)
-        builder = TrajectoryBuilder(prompt_ids, golds=tuple(golds))
+        episode = self.env.reset(prompt_ids, golds=tuple(golds))
         timing = {"generate_sequences": 0.0, "tool_calls": 0.0}
         global_steps: list[int] = []
         num_preempted = -1
         got_logprobs = False
 
-        for call in range(self.max_turns + 1):
-            remaining = self.response_length - builder.response_length
-            if remaining <= 0:
-                builder.trajectory.context_truncated = True
-                break
-            max_tokens = (
-                remaining if self.max_tokens_per_turn is None else min(remaining, self.max_tokens_per_turn)
-            )
+        while not episode.done:
+            max_tokens = self.env.generation_limit(episode)
             started = time.perf_counter()
             output = await self.server_manager.generate(
                 request_id=request_id,
-                prompt_ids=prompt_ids + builder.trajectory.response_ids,
+                prompt_ids=episode.context_ids(),
                 sampling_params=self._stop_params(sampling_params, max_tokens),
                 priority=priority,
             )
@@ -216,60 +220,32 @@ class SearchR1AgentLoop(AgentLoopBase):
                 global_steps.append(int(steps))
             if output.num_preempted is not None:
                 num_preempted = max(num_preempted, 0) + int(output.num_preempted)
-            token_ids = list(output.token_ids)[:max_tokens]
-            if not token_ids:  # aborted or empty generation: nothing more to record
+            token_ids = list(output.token_ids)
+            if not token_ids and output.stop_reason in ABORTED:
+                self.env.abort(episode)
                 break
             logprobs = list(output.log_probs)[: len(token_ids)] if output.log_probs else None
             got_logprobs = got_logprobs or logprobs is not None
-            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-            action = parse_action(text)
-            hit_limit = action.kind is ActionKind.INVALID and len(token_ids) >= max_tokens
-            final_call = call == self.max_turns
-
-            if action.kind is ActionKind.ANSWER:
-                builder.add_generation(token_ids, logprobs, text, TurnAction.ANSWER, action.content)
-                break
-            if action.kind is ActionKind.SEARCH and final_call:
-                builder.add_generation(
-                    token_ids, logprobs, text, TurnAction.INVALID, action.content, SEARCH_LIMIT_REASON
-                )
-                break
-            if action.kind is ActionKind.SEARCH:
-                builder.add_generation(token_ids, logprobs, text, TurnAction.SEARCH, action.content)
+            step = self.env.step(episode, token_ids, logprobs)
+            if step.query is not None:
                 started = time.perf_counter()
-                docs = (await self.search_client.asearch([action.content], self.topk))[0]
+                result = await self._search(step.query)
                 timing["tool_calls"] += time.perf_counter() - started
-                observation, observed_docs = format_observation(docs), docs
-            else:
-                reason = action.reason.value if action.reason is not None else None
-                turn_action = TurnAction.TRUNCATED if hit_limit else TurnAction.INVALID
-                builder.add_generation(
-                    token_ids, logprobs, text, turn_action, invalid_reason=reason, truncated=hit_limit
-                )
-                if final_call or builder.response_length >= self.response_length:
-                    break
-                observation, observed_docs = invalid_observation(), []
-            if not self._append_observation(builder, observation, observed_docs):
-                break
+                self.env.observe([(episode, result)])
 
-        trajectory = builder.build()
+        trajectory = self.env.finish(episode)
         return self._output(trajectory, golds, timing, global_steps, num_preempted, got_logprobs)
 
-    def _append_observation(self, builder: TrajectoryBuilder, text: str, docs: Sequence[Doc]) -> bool:
-        """Tokenize ``text`` once and append it (mask 0), cut to the limits; False when the budget is spent."""
-        observation_ids = self.tokenizer.encode(text, add_special_tokens=False)
-        room = min(self.max_observation_tokens, self.response_length - builder.response_length)
-        truncated = len(observation_ids) > room
-        if truncated:
-            observation_ids = observation_ids[:room]
-            # FOLR must judge what the model was shown, so the text follows the kept ids.
-            text = self.tokenizer.decode(observation_ids, skip_special_tokens=True)
-        if observation_ids:
-            builder.add_observation(observation_ids, text, docs, truncated=truncated)
-        if builder.response_length >= self.response_length:
-            builder.trajectory.context_truncated = True
-            return False
-        return bool(observation_ids)
+    async def _search(self, query: str) -> SearchResult:
+        """The passages of ``query``, or the exception that stopped the search (the env's to handle)."""
+        try:
+            results = await self.search_client.asearch([query], self.topk)
+            return check_result_count(results, [query])[0]
+        except Exception as error:
+            logger.warning(
+                "search for %r failed, its trajectory ends: %s: %s", query, type(error).__name__, error
+            )
+            return error
 
     def _output(
         self,
@@ -281,7 +257,7 @@ class SearchR1AgentLoop(AgentLoopBase):
         with_logprobs: bool,
     ) -> SearchR1AgentLoopOutput:
         # FOLR reads retrieved passages only (never the tags, headers or the invalid-action message).
-        hit = first_hit_turn(trajectory.retrieved_passages(), golds, self.hit_mode)
+        hit = first_hit_turn(trajectory.retrieved_passages(self.env.protocol), golds, self.hit_mode)
         # FOLR partial reward only (outcome 0 here): verl's reward path supplies o afterwards.
         terms = turn_rewards(trajectory.num_turns, hit, 0.0, self.folr_alpha)
         extra_fields: dict[str, Any] = {
@@ -292,6 +268,8 @@ class SearchR1AgentLoop(AgentLoopBase):
             "tspo_queries": [turn.query or "" for turn in trajectory.turns],
             "tspo_folr_alpha": self.folr_alpha,
             "tspo_truncated": trajectory.truncated,
+            "tspo_stop_reason": trajectory.metadata.get("stop_reason"),
+            "tspo_error": trajectory.error,
             "turn_scores": [],
             "tool_rewards": [],
         }
@@ -309,4 +287,5 @@ class SearchR1AgentLoop(AgentLoopBase):
             extra_fields=extra_fields,
             turn_ends=[turn.end - 1 for turn in trajectory.turns],
             turn_terms=terms,
+            trajectory=trajectory,
         )
