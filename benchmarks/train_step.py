@@ -141,8 +141,11 @@ def _resident_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory_child(variant: str, rows: int, tokens: int, prompt: int, vocab: int, out: Path) -> None:
-    """One variant's pass in this (fresh) process; writes its peak and its log-probabilities to ``out``."""
+def memory_child(
+    variant: str, rows: int, tokens: int, prompt: int, vocab: int, grad: bool, out: Path
+) -> None:
+    """One variant's pass in this (fresh) process; writes its peak and its log-probabilities to ``out``.
+    With ``grad`` the pass is a forward and a backward of the summed log-probabilities (the policy's)."""
     import torch
 
     from tspo.training.policy import response_scores
@@ -150,21 +153,25 @@ def memory_child(variant: str, rows: int, tokens: int, prompt: int, vocab: int, 
     model, batch = synthetic_model_and_batch(rows, tokens, prompt, vocab)
     before = _resident_bytes()
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         if variant == "full_logits":
             logprobs = full_logits_logprobs(model, batch)
         else:
             logprobs = response_scores(model, batch, positions=batch.loss_mask.bool()).logprobs
+        if grad:
+            logprobs.sum().backward()
+    logprobs = logprobs.detach()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     torch.save(logprobs, out.with_suffix(".pt"))
     out.write_text(json.dumps({"rss_before": before, "peak_rss": peak, "seconds": seconds}))
 
 
-def _estimated_bytes(variant: str, rows: int, tokens: int, prompt: int, vocab: int) -> int:
-    """Rough need of a pass: the naive one holds (B, S, V) logits plus a (B, L, V) log-softmax."""
+def _estimated_bytes(variant: str, rows: int, tokens: int, prompt: int, vocab: int, grad: bool) -> int:
+    """Rough need of a pass: the naive one holds (B, S, V) logits plus a (B, L, V) log-softmax, and with
+    gradients about as much again for their gradients."""
     if variant == "full_logits":
-        return 4 * rows * vocab * (tokens + tokens - prompt)
+        return 4 * rows * vocab * (tokens + tokens - prompt) * (2 if grad else 1)
     from tspo.training.policy import LOGIT_CHUNK_ELEMENTS
 
     return 4 * 4 * LOGIT_CHUNK_ELEMENTS + 4 * rows * tokens * 64 * 8
@@ -178,7 +185,9 @@ def _available_bytes() -> int:
     return 8 << 30
 
 
-def measure_memory(row_counts: list[int], tokens: int, prompt: int, vocab: int, budget: int) -> list[dict]:
+def measure_memory(
+    row_counts: list[int], tokens: int, prompt: int, vocab: int, budget: int, grad: bool = False
+) -> list[dict]:
     import torch
 
     results: list[dict] = []
@@ -192,8 +201,9 @@ def measure_memory(row_counts: list[int], tokens: int, prompt: int, vocab: int, 
                     "tokens": tokens,
                     "prompt": prompt,
                     "vocab": vocab,
+                    "grad": grad,
                 }
-                need = _estimated_bytes(variant, rows, tokens, prompt, vocab)
+                need = _estimated_bytes(variant, rows, tokens, prompt, vocab, grad)
                 if need > budget:
                     row["skipped"] = f"needs about {need / 2**30:.1f} GiB, budget {budget / 2**30:.1f} GiB"
                     results.append(row)
@@ -208,6 +218,7 @@ def measure_memory(row_counts: list[int], tokens: int, prompt: int, vocab: int, 
                     str(tokens),
                     str(prompt),
                     str(vocab),
+                    str(int(grad)),
                     str(out),
                 ]
                 subprocess.run(command, check=True)
@@ -225,8 +236,9 @@ def measure_memory(row_counts: list[int], tokens: int, prompt: int, vocab: int, 
 
 
 def print_memory(rows: list[dict]) -> None:
+    mode = "forward + backward" if rows[0]["grad"] else "no grad"
     print(
-        f"\nlog-prob pass memory (no grad; tiny-width Qwen2, vocabulary {rows[0]['vocab']:,}; peak RSS above "
+        f"\nlog-prob pass memory ({mode}; tiny-width Qwen2, vocabulary {rows[0]['vocab']:,}; peak RSS above "
         "the RSS before the pass)"
     )
     print(f"{'variant':12s} {'batch':>12s} {'peak MiB':>10s} {'seconds':>8s} {'max |diff|':>11s}")
@@ -278,17 +290,27 @@ def main() -> None:
         default=None,
         help="skip a pass estimated above this (default: 60%% of free)",
     )
-    parser.add_argument("--memory-child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-grad", action="store_true", help="measure the pass with gradients (forward + backward)"
+    )
+    parser.add_argument("--memory-child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        variant, rows_, tokens, prompt, vocab, out = args.memory_child
-        memory_child(variant, int(rows_), int(tokens), int(prompt), int(vocab), Path(out))
+        variant, rows_, tokens, prompt, vocab, grad, out = args.memory_child
+        memory_child(variant, int(rows_), int(tokens), int(prompt), int(vocab), grad == "1", Path(out))
         return
     features = cpu_bf16_features()
     print(f"CPU hardware bf16: {', '.join(features) if features else 'none (bf16 autocast is emulated)'}")
     budget = int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else int(0.6 * _available_bytes())
     memory = (
-        measure_memory(args.memory_rows, args.memory_tokens, args.memory_prompt, args.memory_vocab, budget)
+        measure_memory(
+            args.memory_rows,
+            args.memory_tokens,
+            args.memory_prompt,
+            args.memory_vocab,
+            budget,
+            grad=args.memory_grad,
+        )
         if args.memory_rows
         else []
     )

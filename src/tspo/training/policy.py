@@ -251,7 +251,8 @@ def response_scores(
     Memory: the hidden states are cut to the scored positions before the LM head, and the head, the
     ``logsumexp`` and the entropy run over ``chunk_elements / V`` positions at a time; with gradients each
     chunk is recomputed in the backward pass (activation checkpointing) instead of keeping its logits.
-    No (B, L, V) tensor exists, only (N, H) hidden states and one (chunk, V) block.
+    For the architectures of ``_PLAIN_HEAD_MODEL_TYPES`` no (B, L, V) tensor exists, only (N, H) hidden
+    states and one (chunk, V) block; any other model's own forward still returns (B, L + 1, V) logits.
     """
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
