@@ -21,6 +21,7 @@ from tspo.integrations.verl.launch import (
     override_key,
     plan_launch,
     preset_names,
+    write_launch,
 )
 
 PRESET = "search_r1_qwen2.5_3b"
@@ -119,6 +120,22 @@ def test_no_baseline_is_paid_folr_on_verl(tmp_path, algorithm, verl_estimator, a
     paid = plan_launch(PRESET, [f"adv_estimator={algorithm}", "pay_folr=on", f"output_dir={tmp_path}"])
     assert paid.agent_loop[0]["folr_alpha"] == 0.3
     assert ("FOLR paid" in paid.notes) == (alpha == 0.0)
+
+
+def test_baseline_launched_from_the_tspo_preset_is_named_and_recorded_as_itself(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    grpo = plan_launch(PRESET, ["adv_estimator=grpo"])
+    tspo = plan_launch(PRESET, [])
+    assert grpo.output_dir == tmp_path / "runs/verl/search_r1_qwen2.5_3b_grpo"
+    assert tspo.output_dir == tmp_path / "runs/verl/search_r1_qwen2.5_3b_tspo"
+    assert overrides_by_key(grpo)["trainer.experiment_name"] == "search_r1_qwen2.5_3b_grpo"
+    write_launch(grpo)
+    record = json.loads((grpo.output_dir / "launch.json").read_text())
+    # The preset's folr_alpha is kept as written; what verl is told to pay is the table's 0.
+    assert record["options"]["folr_alpha"] == 0.3
+    assert record["algorithm"]["folr_alpha"] == 0.0 and record["algorithm"]["verl_estimator"] == "grpo"
+    with pytest.raises(LaunchError, match=r"may use only the placeholder \{adv_estimator\}"):
+        plan_launch(PRESET, ["experiment_name=run_{seed}"])
 
 
 @pytest.mark.parametrize(

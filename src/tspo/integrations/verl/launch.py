@@ -83,10 +83,26 @@ class VerlLaunchOptions:
     max_observation_tokens: int = field(default=500, metadata=_help("tokens per <information> block"))
     nnodes: int = field(default=1, metadata=_help("number of nodes"))
     n_gpus_per_node: int = field(default=8, metadata=_help("GPUs per node"))
-    experiment_name: str = field(default="tspo", metadata=_help("verl trainer.experiment_name"))
-    output_dir: str = field(default="runs/verl", metadata=_help("where run.sh and agent_loop.yaml go"))
+    experiment_name: str = field(
+        default="tspo_{adv_estimator}",
+        metadata=_help("verl trainer.experiment_name ({adv_estimator} is replaced by the algorithm)"),
+    )
+    output_dir: str = field(
+        default="runs/verl/{adv_estimator}",
+        metadata=_help("where run.sh and agent_loop.yaml go ({adv_estimator} is replaced by the algorithm)"),
+    )
 
     def __post_init__(self) -> None:
+        # A preset names its runs per algorithm, so a GRPO baseline launched from the TSPO preset is
+        # neither logged under TSPO's name nor written over TSPO's run.sh.
+        for name in ("experiment_name", "output_dir"):
+            template = getattr(self, name)
+            try:
+                setattr(self, name, template.format(adv_estimator=self.adv_estimator))
+            except (KeyError, IndexError, ValueError):
+                raise LaunchError(
+                    f"tspo.{name}: {template!r} may use only the placeholder {{adv_estimator}}"
+                ) from None
         choices = {
             "mode": ("default", "adaptive", "turn", "traj", "legacy"),
             "pay_folr": ("default", "on", "off"),
@@ -432,6 +448,8 @@ def write_launch(plan: LaunchPlan) -> list[Path]:
     record = {
         "preset": plan.preset,
         "options": dataclasses.asdict(plan.options),
+        # What verl trains with, after the algorithm table (the options above are as written).
+        "algorithm": dataclasses.asdict(plan.options.algorithm),
         "env": dict(plan.env),
         "argv": plan.argv,
     }
