@@ -375,3 +375,12 @@ def test_truncate_then_parse_agrees_with_parse(text):
     if truncated.kind is not ActionKind.INVALID or truncated.reason is InvalidReason.EMPTY_CONTENT:
         assert truncated.end == len(cut)
         assert parse_action(text) == truncated
+
+
+def test_observation_padding_sets_the_whitespace_around_information():
+    config = ProtocolConfig(observation_padding="\n")
+    assert (
+        format_observation([Doc("1", "T", "x")], config) == "\n<information>Doc 1(Title: T) x</information>\n"
+    )
+    with pytest.raises(ValueError, match="observation_padding must be spaces and newlines"):
+        ProtocolConfig(observation_padding="\n--\n")

@@ -153,3 +153,17 @@ def test_limits_are_validated():
         EnvLimits(max_new_tokens=0)
     with pytest.raises(ValueError, match="needs a bound"):
         EnvLimits(max_new_tokens=None)
+
+
+def test_cut_observation_keeps_the_closing_tag_with_the_protocols_padding(tokenizer):
+    from tspo.protocol import ProtocolConfig
+
+    protocol = ProtocolConfig(observation_padding="\n")
+    env = SearchEnv(tokenizer, EnvLimits(max_context_tokens=4096, max_observation_tokens=8), protocol)
+    episode = env.reset(encode(tokenizer, PROMPT_TEXT))
+    env.step(episode, encode(tokenizer, "<search> acme corporation </search>"))
+    (observed,) = env.observe([(episode, DOCS)])
+    assert observed.turn.observation_truncated and len(observed.observation_ids) == 8
+    # (The word tokenizer drops whitespace; the padding's own text is checked in test_protocol.py.)
+    suffix = encode(tokenizer, "</information>\n")
+    assert observed.observation_ids[-len(suffix) :] == suffix

@@ -97,6 +97,13 @@ class ProtocolConfig:
     search_tag: str = field(default="search", metadata={"help": "tag name of a search call"})
     answer_tag: str = field(default="answer", metadata={"help": "tag name of the final answer"})
     information_tag: str = field(default="information", metadata={"help": "tag wrapping retrieved docs"})
+    observation_padding: str = field(
+        default="\n\n",
+        metadata={
+            "help": "whitespace before and after each <information> block (Search-R1: two newlines; "
+            "small models few-shot prompted follow the format better with one)"
+        },
+    )
     invalid_action_message: str = field(
         default=INVALID_ACTION_MESSAGE, metadata={"help": "observation appended after an invalid action"}
     )
@@ -126,6 +133,10 @@ class ProtocolConfig:
         for name, value in zip(("search_tag", "answer_tag", "information_tag"), tags, strict=True):
             if not value or not re.fullmatch(r"[A-Za-z_][\w-]*", value):
                 raise ValueError(f"protocol.{name} must be a plain tag name, got {value!r}")
+        if self.observation_padding.strip(" \n"):
+            raise ValueError(
+                f"protocol.observation_padding must be spaces and newlines, got {self.observation_padding!r}"
+            )
         if self.examples < 0:
             raise ValueError(f"protocol.examples must be >= 0, got {self.examples}")
         if len(set(tags)) != len(tags):
@@ -270,9 +281,10 @@ def format_documents(docs: Sequence[Doc]) -> str:
 
 
 def format_observation(docs: Sequence[Doc], config: ProtocolConfig = DEFAULT_PROTOCOL) -> str:
-    """The observation appended after a search turn: ``\\n\\n<information>...</information>\\n\\n``."""
-    tag = config.information_tag
-    return f"\n\n<{tag}>{format_documents(docs).strip()}</{tag}>\n\n"
+    """The observation appended after a search turn: ``\\n\\n<information>...</information>\\n\\n``
+    (the padding is ``config.observation_padding``)."""
+    tag, pad = config.information_tag, config.observation_padding
+    return f"{pad}<{tag}>{format_documents(docs).strip()}</{tag}>{pad}"
 
 
 _DOC_HEADER = re.compile(r"Doc \d+\(Title: (.*?)\) ")

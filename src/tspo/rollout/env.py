@@ -199,7 +199,7 @@ class SearchEnv:
         self.protocol = protocol
         self.counters: dict[str, int] = dict.fromkeys(ENV_COUNTER_NAMES, 0)
         self._eos_ids = eos_token_ids(tokenizer)
-        self._suffix_ids = self._encode([f"</{protocol.information_tag}>\n\n"])[0]
+        self._suffix_ids = self._encode([f"</{protocol.information_tag}>{protocol.observation_padding}"])[0]
         self._invalid_text = invalid_observation(protocol)
         self._invalid_ids = self._encode([self._invalid_text])[0]
 
