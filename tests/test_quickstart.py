@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tspo.training.config import load_train_config
 from tspo.training.metrics import read_metrics
 
 SHORT = [
@@ -66,7 +67,8 @@ def test_quickstart_preset_shortened_end_to_end(tmp_path: Path):
     # The summary, in plain words: both decodings before -> after, behaviour, where things are.
     assert "held-out questions : 2" in out
     assert "greedy EM          : " in out and " -> " in out
-    assert "sampled EM         : " in out and "temperature 1, fixed seed" in out
+    temperature = load_train_config("quickstart").rollout.temperature
+    assert "sampled EM         : " in out and f"temperature {temperature:g}, fixed seed" in out
     assert "searches per question" in out and "near miss" in out
     assert f"checkpoint         : {run_dir / 'checkpoints' / 'step-00000002'}" in out
     assert f"plots              : {run_dir / 'plots'}/" in out
