@@ -1,5 +1,10 @@
-"""Learning benchmark: rows of the algorithm table on the synthetic world, tiny preset.
+"""Learning benchmark: rows of the algorithm table on the synthetic world.
 
+Two models (``--model``): ``tiny`` (below) and ``smollm2``, SmolLM2-135M-Instruct with a few-shot prompt
+on 1- to 3-hop questions, where a policy makes answer-stage mistakes after good retrieval (see
+``learning_smollm2.py``; ``--steps`` and ``--eval-every`` apply to both).
+
+Tiny mode:
 Default rows: ``tspo`` (v2 adaptive), ``tspo_turn``, ``tspo_legacy`` (the v1 rule), ``grpo`` and ``dspo``.
 For each seed the tiny model is built and warm-started once; every algorithm then trains from that same
 checkpoint with the same budget, so differences come from the algorithm alone. Held-out EM is measured
@@ -12,6 +17,8 @@ branch fired), writes JSON and an overlay plot of held-out EM. Finished runs (an
 afterwards.
 
     python benchmarks/learning.py --seeds 0 1 2 --steps 30 --out benchmarks/results/learning
+    python benchmarks/learning.py --model smollm2 --seeds 0 1 2 --steps 8 --eval-every 0 \
+        --out benchmarks/results/learning_smollm2
 """
 
 from __future__ import annotations
@@ -23,12 +30,12 @@ from pathlib import Path
 
 import torch
 
+from learning_stats import paired_difference
 from tspo.algorithms import ALGORITHMS as ALGORITHM_TABLE
 
 DEFAULT_ALGORITHMS = ["tspo", "tspo_turn", "tspo_legacy", "grpo", "dspo"]
 BASELINE = "grpo"
 QUESTIONS_FILE = "final_questions.json"
-BOOTSTRAP_SAMPLES = 2000
 
 
 def warm_checkpoint(seed: int, out: Path, overrides: list[str]) -> Path:
@@ -108,18 +115,6 @@ def write_question_outcomes(trainer: object, path: Path) -> None:
     path.write_text(json.dumps(outcomes, sort_keys=True))
 
 
-def paired_difference(ours: dict[str, float], baseline: dict[str, float], seed: int) -> dict[str, float]:
-    """Mean of ``ours[q] - baseline[q]`` over the shared questions, with a bootstrap 95 % interval."""
-    import numpy as np
-
-    questions = sorted(set(ours) & set(baseline))
-    diffs = np.array([ours[q] - baseline[q] for q in questions])
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(BOOTSTRAP_SAMPLES, len(diffs)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"diff": float(diffs.mean()), "low": float(low), "high": float(high), "questions": len(questions)}
-
-
 def run_finished(run_dir: Path, steps: int) -> bool:
     """Whether ``run_dir`` holds a completed run of ``steps`` steps (its final evaluation is logged)."""
     from tspo.training.metrics import read_metrics
@@ -195,16 +190,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--algorithms", nargs="+", default=DEFAULT_ALGORITHMS, choices=list(ALGORITHM_TABLE.names())
     )
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=None, help="RL steps per run (tiny 30, smollm2 8)")
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="held-out evaluation every N steps (tiny 10, smollm2 0)"
+    )
     parser.add_argument("--threshold", type=float, default=0.6, help="held-out EM for steps-to-threshold")
     parser.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/learning"))
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default benchmarks/results/learning[_smollm2]"
+    )
     args = parser.parse_args()
+    smollm2 = args.model == "smollm2"
+    args.steps = args.steps if args.steps is not None else (8 if smollm2 else 30)
+    args.eval_every = args.eval_every if args.eval_every is not None else (0 if smollm2 else 10)
+    args.out = args.out or Path("benchmarks/results/learning" + ("_smollm2" if smollm2 else ""))
+    if smollm2:
+        import learning_smollm2
+
+        learning_smollm2.main(args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for seed in args.seeds:

@@ -96,3 +96,54 @@ def test_kl_needs_reference_logprobs():
             advantages,
             UpdateSettings(kl_coef=0.1),
         )
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("zero_rows", [[1, 2], [0, 1, 2, 3]])
+def test_rows_with_zero_advantage_are_skipped_without_changing_the_update(loss_agg, zero_rows):
+    """Leaving zero-advantage rows out (no KL, no entropy term) gives the update of the whole batch,
+    also when no row is left: the optimizer still steps (momentum and weight decay) as with zero
+    gradients. SGD with momentum keeps float differences at float size (Adam divides tiny gradients by
+    their own size and amplifies summation-order noise); AdamW is checked on the all-zero batch."""
+    batch, advantages = batch_of_four()
+    advantages[zero_rows] = 0.0
+    results = {}
+    for skip in (False, True):
+        model = tiny_model()
+        optimizer = (
+            torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+            if len(zero_rows) == 4
+            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        )
+        settings = UpdateSettings(
+            kl_coef=0.0,
+            loss_agg=loss_agg,
+            loss_scale_factor=8.0,
+            micro_batch_size=2,
+            grad_clip=1e9,
+            skip_zero_advantage_rows=skip,
+        )
+        # Two updates: the second shows the optimizer state after a skipped batch is the same too.
+        first = policy_update(model, optimizer, batch, None, advantages, settings)
+        policy_update(model, optimizer, batch, None, batch_of_four()[1], settings)
+        results[skip] = (model, first)
+    (full, full_metrics), (skipped, skipped_metrics) = results[False], results[True]
+    assert full_metrics["actor/updated_rows"] == 1.0
+    assert skipped_metrics["actor/updated_rows"] == (4 - len(zero_rows)) / 4
+    assert skipped_metrics["actor/grad_norm"] == pytest.approx(full_metrics["actor/grad_norm"], rel=1e-5)
+    for a, b in zip(full.parameters(), skipped.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_rows_are_not_skipped_when_a_kl_or_entropy_term_touches_them():
+    from tspo.training.update import rows_to_update
+
+    advantages = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, -2.0]])
+    assert rows_to_update(advantages, UpdateSettings(kl_coef=0.0)) == [0, 2]
+    assert rows_to_update(advantages, UpdateSettings(kl_coef=0.001)) == [0, 1, 2]
+    assert rows_to_update(advantages, UpdateSettings(kl_coef=0.0, entropy_coef=0.01)) == [0, 1, 2]
+    assert rows_to_update(advantages, UpdateSettings(kl_coef=0.0, skip_zero_advantage_rows=False)) == [
+        0,
+        1,
+        2,
+    ]

@@ -39,6 +39,9 @@ class UpdateSettings:
     grad_clip: float = 1.0
     temperature: float = 1.0
     bf16: bool = False
+    # Leave out of the forward/backward passes the rows whose advantages are all zero when there is no
+    # KL and no entropy term: their loss and gradient are exactly zero (see ``rows_to_update``).
+    skip_zero_advantage_rows: bool = True
 
 
 class NonFiniteUpdate(RuntimeError):
@@ -49,6 +52,27 @@ def _share(mask: torch.Tensor, rows: list[int], loss_agg: str) -> float:
     if loss_agg == "token-mean":
         return float(mask[rows].sum() / mask.sum().clamp(min=1))
     return len(rows) / mask.shape[0]
+
+
+def rows_to_update(advantages: torch.Tensor, settings: UpdateSettings) -> list[int]:
+    """Rows of the batch that can move the weights.
+
+    With ``kl_coef == 0`` and ``entropy_coef == 0`` a row whose token advantages are all zero contributes
+    exactly 0 to the clipped loss (every clip branch multiplies by its advantage) and so 0 to the
+    gradient. Its forward and backward passes can be left out without changing the update: the
+    normaliser still counts it (``_share`` divides by the whole batch's tokens or sequences). GRPO gives
+    every row of an all-wrong or all-right group zero advantage, which early in a run is most rows.
+
+    Args:
+        advantages: (B, L) token advantages.
+
+    Returns:
+        the row indices to run, in batch order (all of them when the shortcut does not apply).
+    """
+    rows = list(range(advantages.shape[0]))
+    if not settings.skip_zero_advantage_rows or settings.kl_coef > 0 or settings.entropy_coef > 0:
+        return rows
+    return advantages.ne(0).any(dim=1).nonzero().flatten().tolist()
 
 
 def policy_update(
@@ -70,6 +94,9 @@ def policy_update(
         advantages: (B, L) token advantages, zero off the loss mask.
         ref_logprobs: (B, L) reference-policy log-probabilities; required when ``kl_coef > 0``.
 
+    Rows that cannot move the weights are not run (:func:`rows_to_update`); ``actor/updated_rows`` is
+    the share that was, and the loss, clip and entropy metrics are means over those rows.
+
     Returns averaged metrics. Raises :class:`NonFiniteUpdate` (after zeroing the gradients) when a
     loss or gradient norm is not finite, so the caller can skip the step and count the failure.
     """
@@ -83,11 +110,11 @@ def policy_update(
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     params = [p for p in model.parameters() if p.requires_grad]
-    rows_all = list(range(batch.batch_size))
+    rows_all = rows_to_update(advantages, settings)
     scale = batch.response_ids.shape[1] if settings.loss_scale_factor is None else settings.loss_scale_factor
     for _ in range(settings.epochs):
         optimizer.zero_grad(set_to_none=True)
-        for start in range(0, batch.batch_size, settings.micro_batch_size):
+        for start in range(0, len(rows_all), settings.micro_batch_size):
             rows = rows_all[start : start + settings.micro_batch_size]
             micro = trim_padding(batch.select(rows))
             width = micro.response_ids.shape[1]  # the (B, L) inputs are cut to the same first columns
@@ -141,6 +168,11 @@ def policy_update(
             for key, value in metrics.items():
                 sums[key] += float(value)
                 counts[key] += 1
+        if not rows_all:
+            # Nothing to run, yet the optimizer steps with zero gradients exactly as it would have
+            # (Adam's moments decay and weight decay applies): skipping rows never changes the update.
+            for p in params:
+                p.grad = torch.zeros_like(p)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         if not math.isfinite(float(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
@@ -148,4 +180,6 @@ def policy_update(
         optimizer.step()
         sums["grad_norm"] += float(grad_norm)
         counts["grad_norm"] += 1
-    return {f"actor/{key}": sums[key] / counts[key] for key in sums}
+    metrics = {f"actor/{key}": sums[key] / counts[key] for key in sums}
+    metrics["actor/updated_rows"] = len(rows_all) / max(1, batch.batch_size)
+    return metrics
