@@ -50,18 +50,27 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def run_turns(engine: HFEngine, tokenizer, params: SamplingParams, turns: int = 3):
+# What a few-shot prompt puts before every question: an instruction and a worked example.
+SHARED_PREFIX = (
+    "answer the question . search with search and read information . "
+    "who founded acme corporation ? search acme corporation information "
+    "acme corporation was founded by jane doe in the city of lorvik . answer jane doe answer "
+)
+
+
+def run_turns(engine: HFEngine, tokenizer, params: SamplingParams, turns: int = 3, shared: str = ""):
     """A multi-turn exchange driven like the rollout loop: every call gets each live context whole.
 
     Rows differ in prompt length (left padding), two rows share a prompt (prefilled once), the
     observations differ in length, one row ends after the first turn and a new row joins on the second
-    turn (a cached and an uncached row in one call). Returns every call's outputs.
+    turn (a cached and an uncached row in one call). Every prompt starts with ``shared``. Returns every
+    call's outputs.
     """
     contexts = [
-        encode(tokenizer, "who founded acme corporation ?"),
-        encode(tokenizer, "who founded acme corporation ?"),
-        encode(tokenizer, "lorvik is a harbour city on the northern coast ; its mayor is"),
-        encode(tokenizer, "jane doe"),
+        encode(tokenizer, shared + "who founded acme corporation ?"),
+        encode(tokenizer, shared + "who founded acme corporation ?"),
+        encode(tokenizer, shared + "lorvik is a harbour city on the northern coast ; its mayor is"),
+        encode(tokenizer, shared + "jane doe"),
     ]
     observations = ["<information> jane doe studied at kessel university . </information>", "lorvik", "acme"]
     history = []
@@ -75,7 +84,7 @@ def run_turns(engine: HFEngine, tokenizer, params: SamplingParams, turns: int = 
             observation = encode(tokenizer, observations[(row + turn) % len(observations)])
             next_contexts.append(context + output.token_ids + observation)
         if turn == 0:
-            next_contexts.append(encode(tokenizer, "tomas brandt is the mayor of"))  # a new trajectory
+            next_contexts.append(encode(tokenizer, shared + "tomas brandt is the mayor of"))  # a new one
         contexts = next_contexts
     return history
 
@@ -90,17 +99,35 @@ def assert_same(with_cache, without_cache) -> None:
             )
 
 
+@pytest.mark.parametrize("shared", ["", SHARED_PREFIX], ids=["own-prompts", "shared-prefix"])
 @pytest.mark.parametrize(
     ("temperature", "top_p"), [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)], ids=["greedy", "sampled", "top-p"]
 )
-def test_cache_gives_the_same_tokens_and_logprobs_as_no_cache(tiny, temperature, top_p):
+def test_cache_gives_the_same_tokens_and_logprobs_as_no_cache(tiny, temperature, top_p, shared):
     model, tokenizer = tiny
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=12, stop=STOP, seed=7)
     cached = HFEngine(model, tokenizer, kv_cache=True)
-    with_cache = run_turns(cached, tokenizer, params)
-    without_cache = run_turns(HFEngine(model, tokenizer, kv_cache=False), tokenizer, params)
+    with_cache = run_turns(cached, tokenizer, params, shared=shared)
+    without_cache = run_turns(HFEngine(model, tokenizer, kv_cache=False), tokenizer, params, shared=shared)
     assert cached.stats.reused_tokens > 0, "the test must exercise the cache"
     assert_same(with_cache, without_cache)
+
+
+def test_a_shared_beginning_is_fed_once(tiny):
+    """Prompts that start alike (a few-shot prompt) feed the common tokens once, then each its own."""
+    from tspo.rollout.engines.hf import MIN_SHARED_PREFIX
+
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer)
+    prompts = [encode(tokenizer, SHARED_PREFIX + q) for q in ("who founded acme corporation ?", "jane doe")]
+    common = len(encode(tokenizer, SHARED_PREFIX))
+    assert common >= MIN_SHARED_PREFIX and all(p[:common] == prompts[0][:common] for p in prompts)
+    outputs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=4))
+    assert engine.stats.prefill_tokens == common + sum(len(p) - common for p in prompts)
+    reference = HFEngine(model, tokenizer, kv_cache=False).generate(
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=4)
+    )
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
 
 
 def test_a_turn_feeds_only_its_new_tokens(tiny):
@@ -245,7 +272,10 @@ def test_smollm2_greedy_turns_match_without_cache():
     model, tokenizer = load_policy("smollm2", device="cpu", dtype="float32")
     params = SamplingParams(temperature=0.0, max_new_tokens=8, stop=STOP)
     cached = HFEngine(model, tokenizer)
-    with_cache = run_turns(cached, tokenizer, params)
-    without_cache = run_turns(HFEngine(model, tokenizer, kv_cache=False), tokenizer, params)
-    assert cached.stats.reused_tokens > 0
-    assert_same(with_cache, without_cache)
+    for shared in ("", SHARED_PREFIX):
+        with_cache = run_turns(cached, tokenizer, params, shared=shared)
+        without_cache = run_turns(
+            HFEngine(model, tokenizer, kv_cache=False), tokenizer, params, shared=shared
+        )
+        assert cached.stats.reused_tokens > 0
+        assert_same(with_cache, without_cache)

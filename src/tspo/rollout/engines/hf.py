@@ -13,6 +13,10 @@ with a transformers ``DynamicCache`` whose layers write into preallocated buffer
   so a row sees exactly the keys of its own sequence at the positions it would have without the cache.
 - **Shared prompts are prefilled once**: rows with the same cached prefix and the same new tokens (the
   ``n`` rollouts of one question on their first turn) go through the model once and are copied.
+- **A shared beginning is prefilled once**: when the rows of a call start with the same tokens and
+  the cache holds none of them (the instruction and worked examples of a few-shot prompt, before each
+  row's own question), those tokens go through the model once and every row continues from them as
+  from a cached prefix. A few-shot prompt is then paid once per call, not once per question.
 - **Finished rows leave the batch**: once a quarter of the rows have stopped, the cache is compacted
   to the rows still generating, so a call is not paid at full batch width until its longest row ends.
 
@@ -38,6 +42,8 @@ from tspo.rollout.engines.base import GenerationOutput, SamplingParams, StopScan
 from tspo.rollout.engines.kv_cache import CachedPrefix, PrefixKVStore, weights_fingerprint
 
 DEFAULT_CACHE_BUDGET_BYTES = 4 * 2**30
+# A common beginning shorter than this is left to the rows' own prefill (a separate pass costs more).
+MIN_SHARED_PREFIX = 16
 # Stopped rows leave the batch once they are this share of it: each compaction copies the whole cache,
 # each step with stopped rows in the batch computes them for nothing.
 COMPACT_SHARE = 0.25
@@ -436,6 +442,26 @@ class HFEngine:
                 CachedPrefix(ids=tuple(prompts[row]) + tuple(generated[row][:fed]), layers=layers)
             )
 
+    def _share_common_prefix(
+        self, prompts: Sequence[Sequence[int]], prefixes: list[CachedPrefix | None], reuse: list[int]
+    ) -> None:
+        """Prefill the call's common first tokens once and let every row that has less of them cached
+        continue from that entry (``prefixes`` and ``reuse`` are updated in place). Not stored: the
+        rows' own continuations are, at the end of the call."""
+        length = _common_prefix_length(prompts)
+        gaining = [row for row, cached in enumerate(reuse) if cached < length]
+        if length < MIN_SHARED_PREFIX or len(gaining) < 2:
+            return
+        ids = list(prompts[0][:length])
+        batch, _ = self._prefill([ids], [None], [0], max_new_tokens=0)
+        if not self._reusable:  # the model's cache layers cannot be copied between rows
+            return
+        span = [(batch.width_new - length, batch.width_new)]
+        entry = CachedPrefix(ids=tuple(ids), layers=[layer.columns(0, span) for layer in batch.cache.layers])
+        for row in gaining:
+            prefixes[row] = entry
+            reuse[row] = length
+
     # ------------------------------------------------------------------ generation
     def _decode(
         self,
@@ -455,6 +481,8 @@ class HFEngine:
             min(len(p.ids), len(q) - 1) if p is not None else 0
             for p, q in zip(prefixes, prompts, strict=True)
         ]
+        if self.kv_cache and self._reusable is not False:
+            self._share_common_prefix(prompts, prefixes, reuse)
         self.stats.calls += 1
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         self.stats.reused_tokens += sum(reuse)
@@ -539,3 +567,14 @@ class HFEngine:
                 )
             )
         return outputs
+
+
+def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, kept one short of the shortest prompt (a row must feed at
+    least its last token to get next-token logits)."""
+    shortest = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    length = 0
+    while length < shortest and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length
