@@ -229,6 +229,88 @@ def _chunk_scores(
     return logprobs, entropy
 
 
+# A common prompt beginning shorter than this is scored per row (a separate pass would cost more).
+MIN_SHARED_PREFIX = 32
+
+
+def common_prompt_prefix(batch: TrajectoryBatch) -> int:
+    """How many first real prompt tokens every row of ``batch`` shares (the instruction and worked
+    examples of a few-shot prompt), kept one short of the shortest prompt: each row keeps at least one
+    prompt token of its own, whose hidden state predicts its first response token."""
+    lengths = batch.prompt_mask.sum(dim=1)
+    shortest = int(lengths.min()) - 1
+    if batch.batch_size < 2 or shortest < 1:
+        return 0
+    width = batch.prompt_ids.shape[1]
+    # Left padding: row b's real tokens start at column width - lengths[b].
+    columns = (width - lengths)[:, None] + torch.arange(shortest)[None, :]
+    starts = batch.prompt_ids.gather(1, columns)
+    agree = (starts == starts[:1]).all(dim=0)
+    return shortest if bool(agree.all()) else int((~agree).nonzero()[0, 0])
+
+
+def _shared_prefix_hidden(
+    decoder: torch.nn.Module, batch: TrajectoryBatch, shared: int, device: torch.device, bf16: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states with the ``shared`` common prompt tokens computed once for the whole batch.
+
+    The prefix goes through the decoder as a (1, S) sequence; its keys and values are expanded to every
+    row (a view: the backward pass sums the rows' gradients into the one prefix computation, so the
+    gradient equals the per-row one). Each row's suffix (its own prompt tokens, then its response) is
+    laid out right-padded after the prefix, at the positions it has in its full sequence.
+
+    Returns:
+        hidden: (B, W, H) hidden states of the suffix layout.
+        offset: (B,) suffix index of the token just before response token 0 (response token t is
+            predicted at ``offset + t``).
+    """
+    lengths = batch.prompt_mask.sum(dim=1)
+    own = lengths - shared  # prompt tokens after the prefix, >= 1 per row
+    size, width = batch.prompt_ids.shape
+    response_len = batch.response_ids.shape[1]
+    suffix_width = int(own.max()) + response_len
+    suffix = torch.zeros(size, suffix_width, dtype=torch.long)
+    suffix_mask = torch.zeros(size, suffix_width, dtype=torch.long)
+    for row in range(size):
+        count = int(own[row])
+        suffix[row, :count] = batch.prompt_ids[row, width - count :]
+        suffix[row, count : count + response_len] = batch.response_ids[row]
+        suffix_mask[row, :count] = 1
+        suffix_mask[row, count : count + response_len] = batch.response_mask[row]
+    prefix = batch.prompt_ids[:1, width - int(lengths[0]) : width - int(lengths[0]) + shared].to(device)
+    cache_kwarg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    with autocast_context(device, bf16):
+        prefix_out = decoder(
+            input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], use_cache=True
+        )
+        from transformers import DynamicCache
+
+        prefix_cache = getattr(prefix_out, "cache", None)
+        if prefix_cache is None:  # transformers < 5 names it past_key_values
+            prefix_cache = prefix_out.past_key_values
+        expanded = DynamicCache()
+        for index, (keys, values) in enumerate(_cache_tensors(prefix_cache)):
+            expanded.update(keys.expand(size, *keys.shape[1:]), values.expand(size, *values.shape[1:]), index)
+        suffix_mask = suffix_mask.to(device)
+        mask = torch.cat([torch.ones(size, shared, dtype=torch.long, device=device), suffix_mask], dim=1)
+        hidden = decoder(
+            input_ids=suffix.to(device),
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask)[:, shared:],
+            use_cache=True,
+            **{cache_kwarg: expanded},
+        ).last_hidden_state
+    return hidden, (own - 1).to(device)
+
+
+def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) of a transformers cache: ``layers`` since 4.56, lists before."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
 def response_scores(
     model: torch.nn.Module,
     batch: TrajectoryBatch,
@@ -239,6 +321,7 @@ def response_scores(
     bf16: bool = False,
     positions: torch.Tensor | None = None,
     chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
+    share_prefix: bool = True,
 ) -> ResponseScores:
     """Log-probability (and optionally entropy) of the response tokens of ``batch``.
 
@@ -253,6 +336,10 @@ def response_scores(
     chunk is recomputed in the backward pass (activation checkpointing) instead of keeping its logits.
     For the architectures of ``_PLAIN_HEAD_MODEL_TYPES`` no (B, L, V) tensor exists, only (N, H) hidden
     states and one (chunk, V) block; any other model's own forward still returns (B, L + 1, V) logits.
+
+    Compute: with ``share_prefix``, prompts that all begin with the same ``MIN_SHARED_PREFIX`` or more
+    tokens (a few-shot prompt) run those tokens through a plain-head model once for the whole batch
+    (:func:`_shared_prefix_hidden`); the numbers, gradients included, are the same up to float rounding.
     """
     device = next(model.parameters()).device
     input_ids = batch.input_ids.to(device)
@@ -272,13 +359,20 @@ def response_scores(
     }
     # Logits at position p predict token p + 1: response token t is predicted at P - 1 + t.
     parts = _decoder_and_head(model)
-    if parts is not None:
+    shared = common_prompt_prefix(batch) if share_prefix and parts is not None else 0
+    if parts is not None and shared >= MIN_SHARED_PREFIX:
+        decoder, head = parts
+        hidden, offset = _shared_prefix_hidden(decoder, batch, shared, device, bf16)
+        features = hidden[rows, offset[rows] + cols]
+        vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
+        project: Callable[[torch.Tensor], torch.Tensor] = partial(_head_logits, head=head, bf16=bf16)
+    elif parts is not None:
         decoder, head = parts
         with autocast_context(device, bf16):
             hidden = decoder(**inputs).last_hidden_state
         features = hidden[rows, cols + prompt_len - 1]
         vocab = int(getattr(head, "out_features", 0) or head.weight.shape[0])
-        project: Callable[[torch.Tensor], torch.Tensor] = partial(_head_logits, head=head, bf16=bf16)
+        project = partial(_head_logits, head=head, bf16=bf16)
     else:
         # Some other head: the model's own forward, logits for the response slice only where it can.
         extra = {"logits_to_keep": response_len + 1} if _accepts_logits_to_keep(model) else {}
