@@ -206,6 +206,37 @@ def test_eval_of_a_run_directory_uses_its_checkpoint_and_settings(setup, tmp_pat
     assert (run / "analysis" / "eval_datasets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_new_weights_at_an_old_checkpoint_path_are_never_reported_with_old_results(setup, tmp_path, capsys):
+    """The stale-evaluation reproduction: a run is trained again into its directory, its new weights land
+    at the same checkpoint path, and the evaluation keyed by that path alone "resumed" the old results."""
+    from tspo.runs import RunDir
+    from tspo.training.checkpoint import save_checkpoint
+    from tspo.training.config import load_train_config
+
+    run = RunDir(tmp_path / "run")
+    config = load_train_config("tiny", None, ["rollout.max_new_tokens=5", "rollout.max_turns=1"])
+    first = run.start("fresh")
+    run.config.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    shutil.copytree(setup["world"], run.world)
+    model, tokenizer = load_policy(setup["model"], device="cpu")
+    save_checkpoint(run.root, 3, model, tokenizer, None, None, {}, run_id=first)
+    out = tmp_path / "eval"  # outside the run, so clearing the run does not hide the question
+    args = ["eval", "--model", str(run.root), "--subsample", "4", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert "4 evaluated now" in capsys.readouterr().out
+    assert json.loads((out / "eval_settings.json").read_text())["weights"] == f"{first}/step-00000003"
+
+    second = run.start("overwrite")
+    run.config.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    shutil.copytree(setup["world"], run.world)
+    save_checkpoint(run.root, 3, model, tokenizer, None, None, {}, run_id=second)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds results made with other weights" in err and second in err
+    assert main([*args, "--overwrite"]) == 0
+    assert "4 evaluated now, 0 resumed" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -321,8 +352,8 @@ def test_run_directory_evaluation_reuses_the_runs_few_shot_examples(tmp_path):
     from tspo.errors import CLIError
     from tspo.protocol import ProtocolConfig, WorkedExample, build_prompt_text
     from tspo.rollout import RolloutConfig
+    from tspo.runs import FEW_SHOT_FILE
     from tspo.training.prompts import worked_examples_to_json
-    from tspo.training.trainer import FEW_SHOT_FILE
 
     shot = WorkedExample(
         "Where does Ana work?", (("Ana works", (Doc("1", "Ana", "Ana works at Zed."),)),), "Zed"

@@ -86,7 +86,13 @@ def test_model_specs_that_are_not_runs(tmp_path):
     local = resolve_model(str(model_dir))
     assert local.spec == str(model_dir.resolve()) and local.default_out_dir == Path("eval") / "my_model"
     assert resolve_model("smollm2").default_out_dir == Path("eval") / "smollm2"
-    assert resolve_model("/x/SmolLM2.Q8.gguf").default_out_dir == Path("eval") / "SmolLM2.Q8"
+    gguf = tmp_path / "SmolLM2.Q8.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model(str(gguf)).default_out_dir == Path("eval") / "SmolLM2.Q8"
+    # A path that does not exist is a missing path, not a hub id to look up.
+    for missing in ("/x/SmolLM2.Q8.gguf", "runs/nope", "./nope"):
+        with pytest.raises(EvalSourceError, match="model path not found"):
+            resolve_model(missing)
 
 
 def test_run_settings_from_a_run_config(tmp_path):

@@ -77,10 +77,13 @@ def test_non_finite_loss_is_skipped_logged_and_rolled_back(tmp_path, monkeypatch
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_resume_without_checkpoint_starts_fresh(tmp_path):
+def test_resume_without_checkpoint_is_an_error_before_any_work(tmp_path):
+    from tspo.runs import RunDirError
+
     config = micro_config(tmp_path, "trainer.steps=1", "trainer.eval_before=false")
-    summary = Trainer(config, resume=True).train()
-    assert summary.steps == 1
+    with pytest.raises(RunDirError, match="no complete checkpoint"):
+        Trainer(config, resume=True).train()
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_preset_and_key_errors():

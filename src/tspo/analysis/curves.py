@@ -1,7 +1,7 @@
 """Training-time series from ``metrics.jsonl``: categories, group homogeneity, reward / EM, validation.
 
 Key names are those of docs/metrics.md. Everything here is a pure function of the series
-(``{key: (steps, values)}`` from :func:`tspo.training.plots.metric_series`).
+(``{key: (steps, values)}`` from :func:`metric_series`).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,40 @@ SUMMARY_KEYS = (
     "val/all/em",
     "val/average/em",
 )
+
+
+def metric_series(records: Sequence[Mapping[str, Any]]) -> dict[str, Series]:
+    """Numeric curves by key. When a step repeats for a key the last value wins (strings/nulls skipped)."""
+    by_key: dict[str, dict[int, float]] = {}
+    for record in records:
+        step = record["step"]
+        for key, value in record.items():
+            if key in ("step", "time") or isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            by_key.setdefault(key, {})[step] = float(value)
+    series = {}
+    for key, points in by_key.items():
+        steps = np.array(sorted(points), dtype=float)
+        series[key] = (steps, np.array([points[int(s)] for s in steps], dtype=float))
+    return series
+
+
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing); ``weight`` 0 returns the input.
+
+    s_t = weight * s_{t-1} + (1 - weight) * x_t, reported as s_t / (1 - weight^t) so early points are not
+    pulled towards 0. Linear, so smoothed parts of a whole still sum to the smoothed whole.
+    """
+    if not 0.0 <= weight < 1.0:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    if weight == 0.0 or len(values) == 0:
+        return values
+    out = np.empty_like(values, dtype=float)
+    running = 0.0
+    for i, value in enumerate(values):
+        running = weight * running + (1.0 - weight) * value
+        out[i] = running / (1.0 - weight ** (i + 1))
+    return out
 
 
 def matching_keys(series: Mapping[str, Series], patterns: Sequence[str]) -> list[str]:

@@ -25,20 +25,21 @@ from tspo.analysis.curves import (
     HOMOGENEITY_KEYS,
     Series,
     curve_summaries,
+    metric_series,
     sample_steps,
     validation_datasets,
     value_at,
 )
 from tspo.analysis.plots import plot_categories, plot_eval_datasets, plot_homogeneity, plot_rewards
-from tspo.data.atomic import atomic_path
 from tspo.evaluation.store import TRAJECTORIES_FILE, read_records
 from tspo.evaluation.summary import dataset_title, per_dataset_summary
 from tspo.evaluation.tables import markdown_table
+from tspo.files import atomic_path
+from tspo.runs import ANALYSIS_DIR, EVAL_DIR, METRICS_FILE, MetricsFileError, read_metrics
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILE = "report.md"
-METRICS_FILE = "metrics.jsonl"
 _SHORT = {
     "category/near_miss": "near miss",
     "category/complete_failure": "failure",
@@ -66,7 +67,7 @@ class AnalysisResult:
 # --------------------------------------------------------------------------------------------- inputs
 def find_eval_dir(run_dir: str | Path) -> Path | None:
     """The newest evaluation under ``RUN_DIR/eval/*/`` (highest checkpoint name, then newest file)."""
-    root = Path(run_dir) / "eval"
+    root = Path(run_dir) / EVAL_DIR
     if not root.is_dir():
         return None
     found = [p.parent for p in root.glob(f"*/{TRAJECTORIES_FILE}") if p.is_file()]
@@ -261,9 +262,6 @@ def analyze(
         examples_per_category: example trajectories shown per category (0: none).
         smooth: EMA weight of the training curves (0: raw values).
     """
-    from tspo.training.metrics import MetricsFileError, read_metrics
-    from tspo.training.plots import metric_series
-
     run = Path(run_dir) if run_dir is not None else None
     if run is not None and not run.is_dir():
         raise AnalysisError(f"run directory not found: {run}")
@@ -274,7 +272,7 @@ def analyze(
     if not has_metrics and evaluation is None:
         where = f"{run} has no {METRICS_FILE} and no eval/*/{TRAJECTORIES_FILE}" if run else "no input"
         raise AnalysisError(f"nothing to analyse: {where}")
-    out = Path(out_dir) if out_dir is not None else (run or evaluation) / "analysis"  # type: ignore[operator]
+    out = Path(out_dir) if out_dir is not None else (run or evaluation) / ANALYSIS_DIR  # type: ignore[operator]
 
     series: dict[str, Series] = {}
     if has_metrics:

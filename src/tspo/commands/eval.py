@@ -132,12 +132,12 @@ def _rollout_config(args: argparse.Namespace, base: Any) -> Any:
 def _with_run_examples(config: Any, run_dir: Path) -> Any:
     """The run's few-shot examples (``rollout.protocol.examples``) in every prompt, as in training."""
     from tspo.errors import CLIError
+    from tspo.runs import RunDir
     from tspo.training.prompts import worked_examples_from_json
-    from tspo.training.trainer import FEW_SHOT_FILE
 
     if config.protocol.examples <= 0:
         return config
-    path = run_dir / FEW_SHOT_FILE
+    path = RunDir(run_dir).few_shot
     if not path.is_file():
         raise CLIError(
             f"the run uses rollout.protocol.examples={config.protocol.examples} but {path} is missing; "
@@ -234,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = {
         "model": source.label,
+        "weights": source.weights,
         "engine": args.engine,
         "rollout": to_dict(rollout_config),
         "metric": metric,

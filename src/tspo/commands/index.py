@@ -96,6 +96,12 @@ def run_build(args: argparse.Namespace) -> int:
     if not corpus.is_file():
         raise CLIError(f"corpus file not found: {corpus}")
     out = Path(args.out)
+    from tspo.retrieval.index_io import check_index_target
+
+    try:  # before the build, which can take hours
+        check_index_target(out)
+    except FileExistsError as err:
+        raise CLIError(f"--out: {err}") from None
     total = count_lines(corpus)
     show = not args.no_progress
     print(f"indexing {corpus} ({total:,} lines) -> {out} [{args.kind}]")

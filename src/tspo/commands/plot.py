@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if compare and args.out is None and len(run_dirs) > 1:
         raise CLIError("--out DIR is required when comparing several runs")
 
-    from tspo.training.metrics import MetricsFileError
-    from tspo.training.plots import plot_run, plot_runs
+    from tspo.analysis.plots import plot_run, plot_runs
+    from tspo.runs import MetricsFileError
 
     try:
         if compare:

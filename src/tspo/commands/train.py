@@ -22,8 +22,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preset", help="built-in preset: tiny or quickstart (default: quickstart)")
     parser.add_argument("--config", help="YAML config file (applied on top of --preset if both are given)")
     parser.add_argument("--output-dir", help="run directory (same as trainer.output_dir=...)")
-    parser.add_argument(
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
         "--resume", action="store_true", help="continue from the run directory's last checkpoint"
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run the output directory holds (checkpoints, metrics, evaluations) and start "
+        "again; without it a directory holding another run is refused",
     )
     parser.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument(
@@ -54,14 +61,16 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
 
+    from tspo.retrieval.corpus import CorpusFormatError
+    from tspo.runs import RunDirError
     from tspo.training.checkpoint import CheckpointError
     from tspo.training.setup import ResourceError
     from tspo.training.trainer import Trainer
 
-    trainer = Trainer(config, resume=args.resume)
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
     try:
         summary = trainer.train()
-    except (ResourceError, CheckpointError) as err:
+    except (ResourceError, CheckpointError, RunDirError, CorpusFormatError) as err:
         raise CLIError(str(err)) from None
     except ImportError as err:
         # An optional backend the config asked for (wandb, peft, faiss...) is not installed.
@@ -84,6 +93,7 @@ def _em_line(name: str, before: dict[str, float], after: dict[str, float]) -> st
 def format_summary(summary: Any, config: Any) -> str:
     """The end-of-run summary: EM before -> after (greedy and sampled), what changed in the model's
     behaviour, warnings, and where the checkpoint, metrics and plots are."""
+    from tspo.runs import RunDir
     from tspo.training.progress import format_duration
 
     before, after = summary.eval_before, summary.eval_after
@@ -115,7 +125,7 @@ def format_summary(summary: Any, config: Any) -> str:
             f"skipped updates    : {summary.skipped_updates} (non-finite), rollbacks: {summary.rollbacks}"
         )
     lines.append(f"checkpoint         : {summary.checkpoint}")
-    lines.append(f"metrics            : {summary.run_dir / 'metrics.jsonl'}")
+    lines.append(f"metrics            : {RunDir(summary.run_dir).metrics}")
     if summary.plots:
         lines.append(
             f"plots              : {Path(summary.plots[0]).parent}/ ({', '.join(Path(p).name for p in summary.plots)})"

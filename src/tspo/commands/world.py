@@ -112,9 +112,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from tspo.data.atomic import atomic_path
     from tspo.data.world import WorldFormatError, format_stats, load_world, world_stats
     from tspo.errors import CLIError
+    from tspo.files import atomic_path
 
     if args.k < 1:
         raise CLIError(f"--k must be >= 1, got {args.k}")

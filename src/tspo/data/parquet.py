@@ -21,8 +21,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tspo.data.atomic import temporary_sibling
 from tspo.data.qa import QAExample, canonical_dataset_name, search_r1_question
+from tspo.files import temporary_sibling
 from tspo.protocol import DEFAULT_PROTOCOL, ProtocolConfig, build_prompt_messages
 
 if TYPE_CHECKING:

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tspo.data.atomic import StagedOutputs, atomic_path
 from tspo.data.parquet import SEARCH_R1_ABILITY, VerlParquetWriter
 from tspo.data.qa import (
     DATASETS,
@@ -41,6 +40,7 @@ from tspo.data.qa import (
     iter_qa_lines,
     resolve_dataset,
 )
+from tspo.files import StagedOutputs, atomic_path
 from tspo.protocol import DEFAULT_PROTOCOL, ProtocolConfig
 from tspo.rewards import normalize_answer
 

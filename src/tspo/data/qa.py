@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from tspo.data.atomic import temporary_sibling
+from tspo.files import temporary_sibling
 from tspo.protocol import normalize_question
 
 #: Split names and the file stems accepted for each (FlashRAG uses ``dev``; HF exports use ``validation``).

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tspo.data.atomic import atomic_path
 from tspo.evaluation.records import record_key, trajectory_to_record
 from tspo.evaluation.selection import example_key
 from tspo.evaluation.store import TRAJECTORIES_FILE, TrajectoryStore
 from tspo.evaluation.summary import per_dataset_summary, summarize_records
 from tspo.evaluation.tables import format_table, markdown_table
+from tspo.files import atomic_path
 from tspo.rollout import RolloutConfig, RolloutTask, run_rollouts
 from tspo.scoring import TrajectoryScore, score_trajectories
 from tspo.trajectory import Trajectory
@@ -147,8 +147,10 @@ def check_settings(out_dir: Path, settings: Mapping[str, Any]) -> None:
     differ = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
     if differ:
         details = "; ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in differ)
+        # Results without a weights identity (older tspo) cannot be told apart from new weights either.
+        what = "other weights" if "weights" in differ else "other settings"
         raise EvalSettingsMismatch(
-            f"{out_dir} holds results made with other settings ({details}). Rerun with the same "
+            f"{out_dir} holds results made with {what} ({details}). Rerun with the same "
             "settings to resume, or pick another --out (or --overwrite to start over)."
         )
 

@@ -1,7 +1,8 @@
 """What ``tspo eval`` evaluates: the model (run directory, checkpoint, HF id, path, GGUF), the questions and
 the retriever, with a run directory's own settings as defaults.
 
-A run directory (``tspo train``) holds ``config.yaml`` and ``checkpoints/step-XXXXXXXX/``. Evaluating it
+A run directory (``tspo train``, :class:`tspo.runs.RunDir`) holds ``config.yaml`` and
+``checkpoints/step-XXXXXXXX/``. Evaluating it
 takes the newest complete checkpoint and, unless told otherwise, the run's rollout settings (protocol,
 limits), its scoring rule (``reward.metric``, ``reward.hit_mode``), its retriever and its held-out file
 (``world/test.jsonl`` for the synthetic world, ``data.test_file`` otherwise). The run's config is read as
@@ -11,7 +12,6 @@ plain YAML (no dependency on the trainer).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -22,11 +22,9 @@ from tspo.configuration import from_dict, read_yaml
 from tspo.data.qa import DATASETS, QAExample, find_split_file, read_qa_jsonl, resolve_dataset
 from tspo.retrieval import RetrieverSpec
 from tspo.rollout import RolloutConfig
+from tspo.runs import RunDir, RunDirError, looks_like_path, read_manifest, weights_identity
 
 logger = logging.getLogger(__name__)
-
-RUN_CONFIG = "config.yaml"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 class EvalSourceError(ValueError):
@@ -39,7 +37,9 @@ class ModelSource:
 
     Attributes:
         spec: what :func:`tspo.rollout.load_policy` loads (a directory, a HF id, a .gguf file, ``smollm2``).
-        label: stable identity of the weights (absolute path or hub id), stored with the results.
+        label: where the weights are (absolute path or hub id), shown with the results.
+        weights: what the weights are (:func:`tspo.runs.weights_identity`): results are keyed by it, so
+            new weights saved at an old path are never reported with the old results.
         run_dir: the training run it comes from, if any.
         checkpoint: the checkpoint directory, if any.
         run_config: the run's ``config.yaml`` as a mapping (empty when not from a run).
@@ -48,6 +48,7 @@ class ModelSource:
 
     spec: str
     label: str
+    weights: str = ""
     run_dir: Path | None = None
     checkpoint: Path | None = None
     run_config: dict[str, Any] | None = None
@@ -57,7 +58,7 @@ class ModelSource:
     def default_out_dir(self) -> Path:
         """``RUN_DIR/eval/<checkpoint>`` for a run, else ``eval/<model name>``."""
         if self.run_dir is not None and self.checkpoint is not None:
-            return self.run_dir / "eval" / self.checkpoint.name
+            return RunDir(self.run_dir).eval_dir(self.checkpoint)
         is_path = Path(self.spec).exists() or self.spec.startswith(("/", ".", "~"))
         is_path = is_path or self.spec.lower().endswith(".gguf")
         name = Path(self.spec).name if is_path else self.spec  # a hub id keeps its organisation
@@ -65,45 +66,15 @@ class ModelSource:
         return Path("eval") / re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
 
-def _is_run_dir(path: Path) -> bool:
-    return path.is_dir() and (path / RUN_CONFIG).is_file()
-
-
-def _pick_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
-    from tspo.training.checkpoint import checkpoint_dir_name, latest_checkpoint, list_checkpoints
-
-    available = list_checkpoints(run_dir)
-    if checkpoint is None:
-        latest = latest_checkpoint(run_dir)
-        if latest is None:
-            raise EvalSourceError(
-                f"run directory {run_dir} has no complete checkpoint under {run_dir / CHECKPOINTS_DIR}"
-            )
-        return latest
-    if checkpoint.isdigit():
-        wanted = run_dir / CHECKPOINTS_DIR / checkpoint_dir_name(int(checkpoint))
-    elif Path(checkpoint).is_dir():
-        wanted = Path(checkpoint)
-    else:
-        wanted = run_dir / CHECKPOINTS_DIR / checkpoint
-    if wanted.resolve() not in {c.resolve() for c in available}:
-        names = ", ".join(c.name for c in available) or "none"
-        raise EvalSourceError(
-            f"checkpoint {checkpoint!r} not found in {run_dir} (complete checkpoints: {names})"
-        )
-    return wanted
-
-
 def _adapter_base(checkpoint: Path, run_dir: Path | None, run_config: dict[str, Any]) -> str | None:
     if not (checkpoint / "adapter_config.json").is_file():
         return None
     policy = run_config.get("model", {}).get("policy")
     if policy == "tiny" and run_dir is not None:
-        return str(run_dir / "tiny_model")
+        return str(RunDir(run_dir).tiny_model)
     if policy:
         return str(policy)
-    manifest = checkpoint / "checkpoint.json"
-    base = json.loads(manifest.read_text()).get("base_model") if manifest.is_file() else None
+    base = read_manifest(checkpoint).get("base_model")
     if not base:
         raise EvalSourceError(f"{checkpoint} is a LoRA adapter but its base model is not recorded")
     return str(base)
@@ -113,29 +84,35 @@ def resolve_model(spec: str, checkpoint: str | None = None) -> ModelSource:
     """Resolve ``--model`` (and ``--checkpoint``): a run directory, one of its checkpoints, or any model
     :func:`tspo.rollout.load_policy` takes."""
     path = Path(spec).expanduser()
-    run_dir: Path | None = None
-    if _is_run_dir(path):
-        run_dir = path
-        ckpt = _pick_checkpoint(path, checkpoint)
-    elif path.is_dir() and path.parent.name == CHECKPOINTS_DIR and _is_run_dir(path.parent.parent):
-        run_dir, ckpt = path.parent.parent, path
+    run = RunDir(path)
+    if run.is_run():
+        try:
+            ckpt = run.pick_checkpoint(checkpoint)
+        except RunDirError as err:
+            raise EvalSourceError(str(err)) from None
+    elif path.is_dir() and (owner := RunDir.of_checkpoint(path)) is not None:
+        run, ckpt = owner, path
     else:
         if checkpoint is not None:
             raise EvalSourceError(f"--checkpoint needs --model to be a run directory; {spec} is not one")
         if path.is_dir() and not (path / "config.json").is_file():
             raise EvalSourceError(
-                f"{path} is neither a model directory (no config.json) nor a run directory (no {RUN_CONFIG})"
+                f"{path} is neither a model directory (no config.json) nor a run directory "
+                f"(no {run.config.name})"
             )
+        if not path.exists() and looks_like_path(spec):
+            raise EvalSourceError(f"model path not found: {path} (a hub id looks like org/name)")
         label = str(path.resolve()) if path.exists() else spec
-        return ModelSource(spec=label, label=label)
-    run_config = read_yaml(run_dir / RUN_CONFIG)
+        return ModelSource(spec=label, label=label, weights=weights_identity(label))
+    run_config = read_yaml(run.config)
     return ModelSource(
         spec=str(ckpt),
         label=str(ckpt.resolve()),
-        run_dir=run_dir,
+        weights=weights_identity(ckpt),
+        run_dir=run.root,
         checkpoint=ckpt,
         run_config=run_config,
-        adapter_base=_adapter_base(ckpt, run_dir, run_config),
+        adapter_base=_adapter_base(ckpt, run.root, run_config),
     )
 
 
@@ -175,7 +152,7 @@ def run_scoring(run_config: dict[str, Any]) -> tuple[str, str]:
 
 
 def _world_dir(run_config: dict[str, Any], run_dir: Path) -> Path | None:
-    return run_dir / "world" if (run_config.get("data") or {}).get("source", "world") == "world" else None
+    return RunDir(run_dir).world if (run_config.get("data") or {}).get("source", "world") == "world" else None
 
 
 def run_heldout_files(run_config: dict[str, Any], run_dir: Path) -> list[Path]:

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tspo.files import atomic_directory as files_atomic_directory
+from tspo.files import check_replaceable
+
 __all__ = [
     "INDEX_MANIFEST",
     "atomic_directory",
+    "check_index_target",
     "format_bytes",
     "read_manifest",
     "write_manifest",
@@ -68,31 +70,22 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
+_INDEX_KIND = "a tspo index directory"
+
+
+def is_index_dir(path: Path) -> bool:
+    """Whether ``path`` holds a tspo index (its manifest), so an index build may replace it."""
+    return (path / INDEX_MANIFEST).exists()
+
+
+def check_index_target(target: str | os.PathLike[str]) -> None:
+    """Raise ``FileExistsError`` unless an index may be written at ``target`` (absent, empty, or an index)."""
+    check_replaceable(target, is_index_dir, _INDEX_KIND)
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces ``target`` when the block succeeds.
-
-    An existing ``target`` is replaced only if it is empty or a tspo index (never an unrelated folder).
-    On failure the temporary directory is removed and ``target`` is untouched.
-    """
-    target = Path(target)
-    if target.exists() and (
-        not target.is_dir() or (any(target.iterdir()) and not (target / INDEX_MANIFEST).exists())
-    ):
-        raise FileExistsError(f"refusing to overwrite {target}: it exists and is not a tspo index directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = target.parent / f".{target.name}.tmp-{tag}"
-    staging.mkdir()
-    try:
+    """:func:`tspo.files.atomic_directory` that replaces an existing ``target`` only if it is empty or a
+    tspo index (never an unrelated folder)."""
+    with files_atomic_directory(target, is_index_dir, _INDEX_KIND) as staging:
         yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        retired = target.parent / f".{target.name}.old-{tag}"
-        os.replace(target, retired)
-        os.replace(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, target)

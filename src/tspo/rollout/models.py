@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tspo.rollout._files import publish_directory
+from tspo.files import publish_directory
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from tspo.doc import Doc
+from tspo.files import publish_directory
 from tspo.protocol import DEFAULT_PROTOCOL, ProtocolConfig, build_instruction, format_observation
-from tspo.rollout._files import publish_directory
 
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"

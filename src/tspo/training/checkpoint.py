@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import random
-import re
 import secrets
 import shutil
 import sys
@@ -40,17 +39,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from tspo import runs
+from tspo.runs import CHECKPOINT_MANIFEST as MANIFEST
+from tspo.runs import CHECKPOINTS_DIR, RunDir, checkpoint_dir_name
+
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"
-MANIFEST = "checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 FORMAT_VERSION = 1
 
-_STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 
 
@@ -59,35 +59,23 @@ class CheckpointError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------- listing
-def checkpoint_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
+# The run directory's layout (tspo.runs) decides what a checkpoint is called and which ones are complete.
 def checkpoint_step(path: str | Path) -> int:
     """The step encoded in a checkpoint directory's name (``step-00000042`` -> 42)."""
-    match = _STEP_DIR.match(Path(path).name)
-    if match is None:
+    step = runs.checkpoint_step(path)
+    if step is None:
         raise CheckpointError(f"{path} is not a checkpoint directory (expected a name like step-00000042)")
-    return int(match.group(1))
+    return step
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest step first (temp and half-written directories excluded)."""
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return []
-    found = [
-        entry
-        for entry in root.iterdir()
-        if _STEP_DIR.match(entry.name) and entry.is_dir() and (entry / MANIFEST).is_file()
-    ]
-    return sorted(found, key=checkpoint_step)
+    return RunDir(run_dir).list_checkpoints()
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or ``None`` when the run has none."""
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
+    return RunDir(run_dir).latest_checkpoint()
 
 
 # --------------------------------------------------------------------------------------------- saving
@@ -100,6 +88,7 @@ def save_checkpoint(
     scheduler: Any,
     trainer_state: Mapping[str, Any],
     keep_last: int = 3,
+    run_id: str | None = None,
 ) -> Path:
     """Write ``RUN_DIR/checkpoints/step-{step:08d}`` atomically and prune old checkpoints.
 
@@ -111,6 +100,8 @@ def save_checkpoint(
         trainer_state: JSON-serialisable state (data-loader position, counters, ...); ``step`` is added.
         keep_last: complete checkpoints kept after the save (the one just written always survives);
             ``0`` keeps all.
+        run_id: the run's identity (:meth:`tspo.runs.RunDir.start`), stored in the manifest so that
+            results keyed by it (``tspo eval``) never mix two runs' weights saved at one path.
 
     An existing checkpoint for the same step is replaced atomically. Returns the checkpoint path.
     """
@@ -122,9 +113,9 @@ def save_checkpoint(
         raise ValueError(f"trainer_state['step']={trainer_state['step']!r} disagrees with step={step}")
     state_text = _trainer_state_json({**trainer_state, "step": step})
 
-    root = Path(run_dir) / CHECKPOINTS_DIR
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_dir_name(step)
+    final = RunDir(run_dir).checkpoint(step)
     tmp = root / f"{_TMP_PREFIX}{checkpoint_dir_name(step)}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
@@ -142,6 +133,7 @@ def save_checkpoint(
         manifest = {
             "format": FORMAT_VERSION,
             "step": step,
+            **({"run_id": run_id} if run_id else {}),
             **_model_note(unwrapped),
             "files": _file_sizes(tmp),
         }

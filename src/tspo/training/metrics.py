@@ -24,94 +24,27 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tspo.files import atomic_write_text
+
+# Reading lives with the run directory (evaluation and analysis read runs without the trainer);
+# MetricsFileError and read_metrics stay importable from here, their old home.
+from tspo.runs import (  # noqa: F401
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    WANDB_ID_FILE,
+    MetricsFileError,
+    parse_metrics_lines,
+    read_metrics,
+)
+
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-WANDB_ID_FILE = "wandb_run_id.txt"
 _RESERVED = ("step", "time")
 
 MetricValue = float | int | str | bool | None
 
 
-class MetricsFileError(ValueError):
-    """A metrics.jsonl line that is not a JSON object with an integer ``step`` (names the line)."""
-
-
-# --------------------------------------------------------------------------------------------- reading
-def _metrics_path(path_or_run_dir: str | Path) -> Path:
-    path = Path(path_or_run_dir)
-    return path / METRICS_FILE if path.is_dir() else path
-
-
-def _parse_lines(path: Path, text: str) -> tuple[list[dict[str, Any]], list[str], bool]:
-    """Parse a metrics file. Returns (records, their raw lines, whether a truncated last line was dropped).
-
-    A last line that is not newline-terminated and does not parse is what a run killed mid-write leaves
-    behind: it is dropped. Any other bad line is an error naming its line number.
-    """
-    lines = text.split("\n")
-    last_terminated = lines[-1] == ""
-    if last_terminated:
-        lines.pop()
-    records: list[dict[str, Any]] = []
-    raw: list[str] = []
-    truncated = False
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        is_unterminated_tail = number == len(lines) and not last_terminated
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if is_unterminated_tail:
-                truncated = True
-                break
-            raise MetricsFileError(f"{path}:{number}: malformed JSON line ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise MetricsFileError(f"{path}:{number}: expected a JSON object with an integer 'step'")
-        records.append(record)
-        raw.append(line)
-    return records, raw, truncated
-
-
-def read_metrics(path_or_run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a ``metrics.jsonl`` (given the file or its run directory), in file order.
-
-    Raises ``FileNotFoundError`` naming the path, or :class:`MetricsFileError` with the line number of a
-    malformed line. A truncated final line (the run was killed while writing it) is skipped with a warning.
-    """
-    path = _metrics_path(path_or_run_dir)
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics file: {path}")
-    records, _, truncated = _parse_lines(path, path.read_text(encoding="utf-8", errors="replace"))
-    if truncated:
-        logger.warning("%s: skipped a truncated last line (the run was interrupted while writing it)", path)
-    return records
-
-
 # --------------------------------------------------------------------------------------------- writing
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _plain(key: str, value: Any) -> MetricValue:
     """A JSON-ready scalar: numpy / torch 0-d values become Python numbers, NaN and inf become None."""
     if hasattr(value, "item") and callable(value.item):  # numpy scalar, 0-d array or tensor
@@ -189,7 +122,7 @@ class MetricsLogger:
             )
             return
         text = self.path.read_text(encoding="utf-8", errors="replace")
-        records, raw, truncated = _parse_lines(self.path, text)
+        records, raw, truncated = parse_metrics_lines(self.path, text)
         kept = [
             line for line, record in zip(raw, records, strict=True) if record["step"] <= self.resume_from_step
         ]
@@ -207,7 +140,7 @@ class MetricsLogger:
             )
         new_text = "".join(line + "\n" for line in kept)
         if new_text != text:
-            _atomic_write_text(self.path, new_text)
+            atomic_write_text(self.path, new_text, durable=True)
 
     def _start_tensorboard(self, config: Mapping[str, Any] | None) -> Any:
         from torch.utils.tensorboard import SummaryWriter
@@ -232,7 +165,7 @@ class MetricsLogger:
             run_id = id_file.read_text(encoding="utf-8").strip()
         else:
             run_id = wandb.util.generate_id()
-            _atomic_write_text(id_file, run_id + "\n")
+            atomic_write_text(id_file, run_id + "\n", durable=True)
         return wandb.init(
             project=project,
             name=name,

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from tspo.data.qa import QAExample, read_qa_jsonl
+from tspo.data.qa import QAExample, QAFormatError, read_qa_jsonl
 from tspo.rollout.models import resolve_device
+from tspo.runs import RunDir, looks_like_path
 from tspo.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> tuple[list[QAExample], l
     if data.source == "world":
         from tspo.data.world import generate_world, write_world
 
-        world_dir = run_dir / "world"
+        world_dir = RunDir(run_dir).world
         if not (world_dir / "corpus.jsonl").is_file():
             write_world(generate_world(data.world), world_dir)
         train_file, test_file, corpus = (
@@ -79,35 +80,76 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> tuple[list[QAExample], l
     for path in (train_file, test_file, corpus):
         if path is not None and not path.is_file():
             raise ResourceError(f"file not found: {path}")
-    train = list(read_qa_jsonl(train_file))
-    held_out = list(read_qa_jsonl(test_file)) if test_file is not None else []
+    try:
+        train = list(read_qa_jsonl(train_file))
+        held_out = list(read_qa_jsonl(test_file)) if test_file is not None else []
+    except QAFormatError as err:  # names file:line, as tspo eval does
+        raise ResourceError(str(err)) from None
     if len(held_out) > data.eval_size:
         held_out = random.Random(config.trainer.seed).sample(held_out, data.eval_size)
     return train, held_out, corpus
 
 
+def check_run_inputs(config: TrainConfig) -> None:
+    """What can be checked in milliseconds, checked before any long step: the files and directories the
+    config names exist, a model path is a path, and the optional packages it asks for are installed."""
+    import importlib.util
+
+    data, rc, trainer = config.data, config.retriever, config.trainer
+    if data.source == "files":
+        if not data.train_file:
+            raise ResourceError("data.source=files needs data.train_file=PATH (a QA JSONL file)")
+        for key, value in (
+            ("train_file", data.train_file),
+            ("test_file", data.test_file),
+            ("corpus", data.corpus),
+        ):
+            if value and not Path(value).is_file():
+                raise ResourceError(f"data.{key}: file not found: {value}")
+    if rc.index and not Path(rc.index).exists():
+        raise ResourceError(f"retriever index not found: {rc.index} (build one with `tspo index build`)")
+    if rc.kind == "http" and not rc.url:
+        raise ResourceError("retriever.kind=http needs retriever.url=http://HOST:PORT")
+    policy = config.model.policy
+    if policy != "tiny" and looks_like_path(policy) and not Path(policy).expanduser().exists():
+        raise ResourceError(f"model.policy: model path not found: {policy} (a hub id looks like org/name)")
+    wanted = [
+        ("wandb", trainer.wandb_project is not None, "trainer.wandb_project is set", "wandb"),
+        ("tensorboard", trainer.tensorboard, "trainer.tensorboard=true", "tensorboard"),
+        ("peft", config.model.lora.enabled, "model.lora.enabled=true", "'tspo[lora]'"),
+    ]
+    for module, asked, why, package in wanted:
+        if asked and importlib.util.find_spec(module) is None:
+            raise ResourceError(f"{why} but {module} is not installed: pip install {package}")
+
+
 def build_retriever(config: TrainConfig, corpus: Path | None) -> Any:
-    from tspo.retrieval import BM25Retriever, CachedRetriever, DenseRetriever, HTTPRetriever, read_corpus
+    """The run's retriever through the one factory (:func:`tspo.retrieval.load_retriever`); the checks
+    here only word its errors in the config's keys."""
+    from tspo.retrieval import RetrieverSpec, load_retriever
 
     rc = config.retriever
-    if rc.kind == "http":
-        if not rc.url:
-            raise ResourceError("retriever.kind=http needs retriever.url=http://HOST:PORT")
-        retriever: Any = HTTPRetriever(rc.url)
-    elif rc.index:
-        index = Path(rc.index)
-        if not index.exists():
-            raise ResourceError(f"retriever index not found: {index} (build one with `tspo index build`)")
-        retriever = BM25Retriever.load(index) if rc.kind == "bm25" else DenseRetriever.load(index)
-    elif rc.kind == "bm25":
-        if corpus is None:
-            raise ResourceError(
-                "an in-process BM25 index needs a corpus: set data.corpus=PATH or retriever.index"
-            )
-        retriever = BM25Retriever.build(read_corpus(corpus))
-    else:
+    if rc.kind == "http" and not rc.url:
+        raise ResourceError("retriever.kind=http needs retriever.url=http://HOST:PORT")
+    if rc.index and not Path(rc.index).exists():
+        raise ResourceError(f"retriever index not found: {rc.index} (build one with `tspo index build`)")
+    if rc.kind == "dense" and not rc.index:
         raise ResourceError("retriever.kind=dense needs a prebuilt retriever.index (see `tspo index build`)")
-    return CachedRetriever(retriever, rc.cache_size) if rc.cache_size > 0 else retriever
+    if rc.kind == "bm25" and not rc.index and corpus is None:
+        raise ResourceError(
+            "an in-process BM25 index needs a corpus: set data.corpus=PATH or retriever.index"
+        )
+    spec = RetrieverSpec(
+        kind=rc.kind,
+        index=str(rc.index) if rc.index else None,
+        corpus=str(corpus) if corpus is not None and not rc.index else None,
+        url=rc.url if rc.kind == "http" else None,
+        cache_size=rc.cache_size,
+    )
+    try:
+        return load_retriever(spec)
+    except (ValueError, FileNotFoundError) as err:  # a corpus line's file:line error included
+        raise ResourceError(str(err)) from None
 
 
 def _world_texts(train: list[QAExample], corpus: Path | None) -> list[str]:
@@ -128,7 +170,7 @@ def build_policy(
 
     spec = config.model.policy
     if spec == "tiny":
-        tiny_dir = run_dir / "tiny_model"
+        tiny_dir = RunDir(run_dir).tiny_model
         if not (tiny_dir / "config.json").is_file():
             tc = config.model.tiny
             build_tiny_model(

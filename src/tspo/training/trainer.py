@@ -32,7 +32,9 @@ from tspo.configuration import to_dict
 from tspo.data.qa import QAExample
 from tspo.evaluation.heldout import behaviour_change, heldout_metrics
 from tspo.evaluation.validation import validate, validation_sets
+from tspo.files import atomic_write_text
 from tspo.rollout import RolloutTask, run_rollouts
+from tspo.runs import RunDir
 from tspo.scoring import (
     TrajectoryScore,
     advantage_inputs,
@@ -42,23 +44,24 @@ from tspo.scoring import (
     stage_diagnostics,
     zero_advantage_fraction,
 )
-from tspo.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tspo.training.checkpoint import load_checkpoint, save_checkpoint
 from tspo.training.config import TrainConfig
 from tspo.training.metrics import MetricsLogger
 from tspo.training.policy import autocast_context, batched_logprobs
 from tspo.training.progress import NoSignalMonitor, Progress, step_line
 from tspo.training.prompts import PromptSampler, choose_worked_examples, worked_examples_to_json
 from tspo.training.schedules import linear_warmup
-from tspo.training.setup import RunResources, build_resources, split_demonstrations, world_renamer
+from tspo.training.setup import (
+    RunResources,
+    build_resources,
+    check_run_inputs,
+    split_demonstrations,
+    world_renamer,
+)
 from tspo.training.update import NonFiniteUpdate, UpdateSettings, policy_update
 from tspo.trajectory import Trajectory, collate_trajectories
 
 logger = logging.getLogger(__name__)
-
-#: The run's few-shot examples and one rendered prompt (``tspo eval --model RUN_DIR`` reuses them).
-FEW_SHOT_FILE = "few_shot_examples.json"
-#: The run's initial policy after a warm start (the KL reference), in checkpoint format.
-REFERENCE_DIR = "reference"
 
 
 def seed_everything(seed: int) -> None:
@@ -101,10 +104,24 @@ class StepBatch:
 class Trainer:
     """Owns the run: resources, optimizer, data order, checkpoints and metrics."""
 
-    def __init__(self, config: TrainConfig, run_dir: str | Path | None = None, resume: bool = False) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        """``resume``: continue the directory's latest checkpoint (an error when it has none).
+        ``overwrite``: delete the run the directory holds and start again. Neither: a directory that
+        holds another run is refused (:class:`tspo.runs.RunDirError`) rather than mixed with it."""
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run or delete it")
         self.config = config
         self.run_dir = Path(run_dir or config.trainer.output_dir)
+        self.run = RunDir(self.run_dir)
         self.resume = resume
+        self.overwrite = overwrite
+        self.run_id: str | None = None
         self.step = 0
         self.bad_updates = 0
         self.skipped_updates = 0
@@ -114,8 +131,11 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        # Everything that can be checked cheaply is checked before the directory is touched and before
+        # any long step (world, model, warm start).
+        check_run_inputs(cfg)
+        self.run_id = self.run.start("resume" if self.resume else "overwrite" if self.overwrite else "fresh")
+        atomic_write_text(self.run.config, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         seed_everything(cfg.trainer.seed)
         algorithm = self.algorithm
         logger.info(
@@ -130,7 +150,7 @@ class Trainer:
         )
         for note in algorithm.overrides:
             logger.warning("algorithm %s overridden by the config: %s", algorithm.name, note)
-        checkpoint = latest_checkpoint(self.run_dir) if self.resume else None
+        checkpoint = self.run.latest_checkpoint() if self.resume else None
         # The warm start runs here rather than inside build_resources: after the few-shot examples are
         # attached (its demonstrations get the prompt RL will see) and with a progress bar and its loss
         # logged. A resumed run's checkpoint already holds it.
@@ -160,8 +180,6 @@ class Trainer:
             self.skipped_updates = int(state.get("skipped_updates", 0))
             self.rollbacks = int(state.get("rollbacks", 0))
             logger.info("resumed from %s at step %d", checkpoint, self.step)
-        elif self.resume:
-            logger.info("--resume given but %s holds no checkpoint: starting fresh", self.run_dir)
         if self.ref_model is None and cfg.algorithm.kl_coef > 0:
             self.ref_model = _frozen_copy(self.model)
         self.logger = MetricsLogger(
@@ -183,15 +201,17 @@ class Trainer:
         ``algorithm.kl_coef`` is 0.
         """
         cfg = self.config
-        reference_dir = self.run_dir / REFERENCE_DIR
+        reference_dir = self.run.reference
         if warm_started:
             # Saved even with KL off (one copy of the model): a resume may turn the KL on.
-            save_checkpoint(reference_dir, 0, self.model, None, None, None, {}, keep_last=1)
+            save_checkpoint(
+                reference_dir, 0, self.model, None, None, None, {}, keep_last=1, run_id=self.run_id
+            )
         if cfg.algorithm.kl_coef <= 0:
             return None
         reference = _frozen_copy(self.model)
         if checkpoint is not None and cfg.warmstart.steps > 0:
-            saved = latest_checkpoint(reference_dir)
+            saved = RunDir(reference_dir).latest_checkpoint()
             if saved is None:
                 logger.warning(
                     "%s holds no saved reference (a run started before it was saved, or with no warm start): "
@@ -223,7 +243,8 @@ class Trainer:
             raise ResourceError(str(err)) from None
         cfg.rollout.protocol = cfg.rollout.protocol.with_worked_examples(shots)
         sample = res.eval_examples[0].question if res.eval_examples else "?"
-        (self.run_dir / FEW_SHOT_FILE).write_text(
+        atomic_write_text(
+            self.run.few_shot,
             json.dumps(
                 {
                     "examples": worked_examples_to_json(shots),
@@ -231,7 +252,7 @@ class Trainer:
                 },
                 indent=2,
             )
-            + "\n"
+            + "\n",
         )
         length = len(build_prompt_ids(sample, res.tokenizer, cfg.rollout.protocol))
         logger.info(
@@ -240,7 +261,7 @@ class Trainer:
             len(shots),
             "/".join(str(len(shot.searches)) for shot in shots),
             length,
-            self.run_dir / FEW_SHOT_FILE,
+            self.run.few_shot,
         )
 
     def _warm_start(self, pool: list[QAExample]) -> list[float]:
@@ -485,7 +506,7 @@ class Trainer:
         return metrics
 
     def _roll_back(self) -> None:
-        checkpoint = latest_checkpoint(self.run_dir)
+        checkpoint = self.run.latest_checkpoint()
         if checkpoint is None:
             logger.error("repeated non-finite updates and no checkpoint to roll back to; continuing")
             return
@@ -556,6 +577,7 @@ class Trainer:
             self.scheduler,
             state,
             keep_last=self.config.trainer.keep_last,
+            run_id=self.run_id,
         )
 
     # ------------------------------------------------------------------ the run
@@ -634,7 +656,7 @@ class Trainer:
         summary.skipped_updates = self.skipped_updates
         summary.rollbacks = self.rollbacks
         if cfg.plots:
-            from tspo.training.plots import plot_run
+            from tspo.analysis.plots import plot_run
 
             try:
                 summary.plots = plot_run(self.run_dir)

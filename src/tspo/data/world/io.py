@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tspo.data.atomic import StagedOutputs
 from tspo.data.world.config import WorldConfig
 from tspo.data.world.model import Entity, Passage, Question, World
 from tspo.doc import Doc
+from tspo.files import StagedOutputs
 
 FORMAT = "tspo-synthetic-world"
 FORMAT_VERSION = 1
