@@ -142,8 +142,11 @@ def test_baseline_launched_from_the_tspo_preset_is_named_and_recorded_as_itself(
     ("overrides", "message"),
     [
         (["foo=1"], "unknown key 'foo'"),
-        (["topk=many"], "tspo.topk must be of type int"),
-        (["mode=stagewise"], "tspo.mode must be one of default, adaptive, turn, traj, legacy"),
+        (["topk=many"], "tspo.topk: expected an integer, got 'many'"),
+        (
+            ["mode=stagewise"],
+            "tspo.mode: 'stagewise' is not one of 'default', 'adaptive', 'turn', 'traj', 'legacy'",
+        ),
         (["adv_estimator=grpo", "mode=turn"], "tspo.mode=turn applies only to the tspo algorithms, not grpo"),
         (["gamma=0.9"], "tspo.gamma applies only to mode legacy, not adaptive"),
         (["reclaim=-1"], r"tspo.reclaim must be >= 0"),

@@ -19,16 +19,17 @@ import json
 import os
 import shlex
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from tspo.algorithms.advantages import DEFAULT_RECLAIM
 from tspo.algorithms.table import ALGORITHMS, DEFAULT_DUAL_CLIP, resolve_algorithm
+from tspo.configuration import ConfigError, from_dict, read_yaml
+from tspo.files import atomic_path
 
 PLUGIN_MODULE = "tspo.integrations.verl"
 AGENT_LOOP_NAME = "tspo_search_r1"
@@ -40,7 +41,7 @@ ENTRY_MODULE = "verl.trainer.main_ppo"
 PRESET_DIR = Path(__file__).resolve().parents[4] / "configs" / "verl"
 
 
-class LaunchError(ValueError):
+class LaunchError(ConfigError):
     """A preset, an override or a launch precondition is wrong; the message names it."""
 
 
@@ -64,19 +65,23 @@ class VerlLaunchOptions:
             "dspo), or any other registered verl estimator (trained without FOLR)"
         ),
     )
-    mode: str = field(
+    mode: Literal["default", "adaptive", "turn", "traj", "legacy"] = field(
         default="default",
         metadata=_help("tspo mode: default (the algorithm's) | adaptive | turn | traj | legacy"),
     )
     reclaim: float = field(default=1.0, metadata=_help("tspo beta: search credit a wrong answer gives back"))
     gamma: float = field(default=1.0, metadata=_help("tspo legacy mode's turn discount"))
-    pay_folr: str = field(
+    pay_folr: Literal["default", "on", "off"] = field(
         default="default", metadata=_help("pay FOLR: default (only the tspo algorithms) | on | off")
     )
     length_penalty: float = field(default=0.0, metadata=_help("Kimi length-shaping weight (0: off)"))
     folr_alpha: float = field(default=0.3, metadata=_help("FOLR partial reward of the first-hit turn"))
-    hit_mode: str = field(default="whole_word", metadata=_help("FOLR hit test: whole_word | substring"))
-    metric: str = field(default="em", metadata=_help("outcome metric: em | sub_em | f1"))
+    hit_mode: Literal["whole_word", "substring"] = field(
+        default="whole_word", metadata=_help("FOLR hit test: whole_word | substring")
+    )
+    metric: Literal["em", "sub_em", "f1"] = field(
+        default="em", metadata=_help("outcome metric: em | sub_em | f1")
+    )
     topk: int = field(default=3, metadata=_help("passages per search"))
     max_turns: int = field(default=4, metadata=_help("searches before the last, search-less generation"))
     max_tokens_per_turn: int = field(default=500, metadata=_help("tokens per generation"))
@@ -103,17 +108,6 @@ class VerlLaunchOptions:
                 raise LaunchError(
                     f"tspo.{name}: {template!r} may use only the placeholder {{adv_estimator}}"
                 ) from None
-        choices = {
-            "mode": ("default", "adaptive", "turn", "traj", "legacy"),
-            "pay_folr": ("default", "on", "off"),
-            "hit_mode": ("whole_word", "substring"),
-            "metric": ("em", "sub_em", "f1"),
-        }
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise LaunchError(
-                    f"tspo.{name} must be one of {', '.join(valid)}; got {getattr(self, name)!r}"
-                )
         for name in ("topk", "max_tokens_per_turn", "max_observation_tokens", "nnodes", "n_gpus_per_node"):
             if getattr(self, name) < 1:
                 raise LaunchError(f"tspo.{name} must be >= 1, got {getattr(self, name)}")
@@ -191,11 +185,9 @@ def load_preset(name_or_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         available = ", ".join(preset_names()) or "none found"
         raise LaunchError(f"unknown verl preset {name_or_path!r} (no such file); available: {available}")
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise LaunchError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(content, dict):
-        raise LaunchError(f"{path}: a preset must be a mapping with 'tspo' and 'verl' sections")
+        content = read_yaml(path)
+    except ConfigError as err:
+        raise LaunchError(f"{err} (a preset is a mapping with 'tspo' and 'verl' sections)") from None
     unknown = sorted(set(content) - {"description", "tspo", "verl"})
     if unknown:
         raise LaunchError(f"{path}: unknown top-level key(s) {unknown}; valid: description, tspo, verl")
@@ -208,25 +200,13 @@ def load_preset(name_or_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
 _OPTION_FIELDS = {f.name: f for f in dataclasses.fields(VerlLaunchOptions)}
 
 
-def _typed_option(name: str, value: Any) -> Any:
-    kind = _OPTION_FIELDS[name].type
-    expected = {"str": str, "int": int, "float": float}[kind if isinstance(kind, str) else kind.__name__]
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is str and isinstance(value, bool):  # YAML reads on / off as booleans
-        return "on" if value else "off"
-    if isinstance(value, bool) or not isinstance(value, expected):
-        if expected is str and isinstance(value, (int, float)):
-            return str(value)
-        raise LaunchError(f"tspo.{name} must be of type {expected.__name__}, got {value!r}")
-    return value
-
-
 def build_options(section: Mapping[str, Any]) -> VerlLaunchOptions:
-    unknown = sorted(set(section) - set(_OPTION_FIELDS))
-    if unknown:
-        raise LaunchError(f"unknown tspo option(s) {unknown}; valid: {', '.join(_OPTION_FIELDS)}")
-    return VerlLaunchOptions(**{name: _typed_option(name, value) for name, value in section.items()})
+    """The ``tspo`` section as options, typed and checked by :func:`tspo.configuration.from_dict` (as
+    ``tspo train``'s config is: YAML's on / off mean the words, ints are accepted as floats)."""
+    try:
+        return from_dict(VerlLaunchOptions, section, prefix="tspo.")
+    except ConfigError as err:
+        raise LaunchError(str(err)) from None
 
 
 def hydra_value(value: Any) -> str:
@@ -257,6 +237,9 @@ def split_overrides(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]
         key, raw = item.split("=", 1)
         bare = key.removeprefix("tspo.")
         if bare in _OPTION_FIELDS:
+            if _OPTION_FIELDS[bare].type == "str":  # text as typed (an experiment name may be digits)
+                tspo_options[bare] = raw
+                continue
             try:
                 tspo_options[bare] = yaml.safe_load(raw) if raw else ""
             except yaml.YAMLError:
@@ -431,16 +414,9 @@ def render_script(plan: LaunchPlan) -> str:
 
 
 def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-        temporary = Path(handle.name)
-    try:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
         temporary.chmod(mode)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def write_launch(plan: LaunchPlan) -> list[Path]:
