@@ -128,31 +128,27 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CLIError(str(err)) from None
 
+    from tspo.retrieval import RetrieverSpec, load_retriever
+
     if args.index:
         from tspo.retrieval.index_io import read_manifest
 
-        try:
-            kind = read_manifest(args.index).get("kind")
+        try:  # a missing or broken index is reported now, not from the loading thread
+            read_manifest(args.index)
         except (FileNotFoundError, ValueError) as err:
             raise CLIError(str(err)) from None
+    elif not Path(args.corpus).is_file():
+        raise CLIError(f"corpus file not found: {args.corpus}")
+    spec = RetrieverSpec(
+        index=args.index,
+        corpus=None if args.index else args.corpus,
+        mmap=not args.no_mmap,
+        threads=args.threads,
+        device=args.device,
+    )
 
-        def load():  # runs in a thread while /health answers "loading"
-            if kind == "bm25":
-                from tspo.retrieval.bm25 import BM25Retriever
-
-                return BM25Retriever.load(args.index, mmap=not args.no_mmap, threads=args.threads)
-            from tspo.retrieval.dense import DenseRetriever
-
-            return DenseRetriever.load(args.index, mmap=not args.no_mmap, device=args.device)
-    else:
-        if not Path(args.corpus).is_file():
-            raise CLIError(f"corpus file not found: {args.corpus}")
-
-        def load():
-            from tspo.retrieval.bm25 import BM25Retriever
-            from tspo.retrieval.corpus import read_corpus
-
-            return BM25Retriever.build(read_corpus(args.corpus), threads=args.threads)
+    def load():  # runs in a thread while /health answers "loading"
+        return load_retriever(spec)
 
     try:
         return serve(load, settings)

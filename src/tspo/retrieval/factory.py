@@ -29,6 +29,8 @@ class RetrieverSpec:
         timeout, retries: HTTP client settings.
         cache_size: LRU entries of ``(query, k)`` results; 0 disables.
         mmap: memory-map saved indexes.
+        threads: BM25 scoring threads (``None``: the backend's default).
+        device: the dense encoder's device (``None``: the backend's default).
     """
 
     kind: str = "auto"
@@ -40,6 +42,8 @@ class RetrieverSpec:
     retries: int = 5
     cache_size: int = 0
     mmap: bool = True
+    threads: int | None = None
+    device: str | None = None
 
     @classmethod
     def from_any(cls, spec: RetrieverSpec | Mapping[str, Any] | Any) -> RetrieverSpec:
@@ -61,17 +65,24 @@ class RetrieverSpec:
         return cls(**values)
 
 
-def load_index(directory: str | os.PathLike[str], mmap: bool = True, **kwargs: Any) -> Retriever:
-    """Open a saved index of any kind (read from its ``tspo_index.json``)."""
+def load_index(
+    directory: str | os.PathLike[str],
+    mmap: bool = True,
+    threads: int | None = None,
+    device: str | None = None,
+    **kwargs: Any,
+) -> Retriever:
+    """Open a saved index of any kind (read from its ``tspo_index.json``); ``threads`` goes to a BM25
+    index, ``device`` to a dense one, other keyword arguments to the backend's ``load``."""
     kind = read_manifest(directory).get("kind")
     if kind == "bm25":
         from tspo.retrieval.bm25 import BM25Retriever
 
-        return BM25Retriever.load(directory, mmap=mmap, **kwargs)
+        return BM25Retriever.load(directory, mmap=mmap, threads=threads, **kwargs)
     if kind == "dense":
         from tspo.retrieval.dense import DenseRetriever
 
-        return DenseRetriever.load(directory, mmap=mmap, **kwargs)
+        return DenseRetriever.load(directory, mmap=mmap, device=device, **kwargs)
     raise ValueError(f"{directory}: unknown index kind {kind!r}")
 
 
@@ -93,7 +104,7 @@ def load_retriever(spec: RetrieverSpec | Mapping[str, Any] | Any) -> Retriever:
             raise ValueError(
                 f"{spec.index} holds a {manifest_kind} index, but kind={spec.kind!r} was asked for"
             )
-        retriever = load_index(spec.index, mmap=spec.mmap)
+        retriever = load_index(spec.index, mmap=spec.mmap, threads=spec.threads, device=spec.device)
     elif spec.corpus:
         if spec.kind == "dense":
             raise ValueError("a dense retriever needs a prebuilt index (tspo index build --kind dense)")
@@ -102,7 +113,7 @@ def load_retriever(spec: RetrieverSpec | Mapping[str, Any] | Any) -> Retriever:
         from tspo.retrieval.bm25 import BM25Retriever
         from tspo.retrieval.corpus import read_corpus
 
-        retriever = BM25Retriever.build(read_corpus(spec.corpus))
+        retriever = BM25Retriever.build(read_corpus(spec.corpus), threads=spec.threads)
     else:
         raise ValueError("a retriever needs index=DIR, corpus=FILE.jsonl or url=http://HOST:PORT")
     if spec.cache_size > 0:
