@@ -35,7 +35,7 @@ from tspo.evaluation.store import TRAJECTORIES_FILE, read_records
 from tspo.evaluation.summary import dataset_title, per_dataset_summary
 from tspo.evaluation.tables import markdown_table
 from tspo.files import atomic_path
-from tspo.runs import ANALYSIS_DIR, EVAL_DIR, METRICS_FILE, MetricsFileError, read_metrics
+from tspo.runs import ANALYSIS_DIR, EVAL_DIR, METRICS_FILE, MetricsFileError, RunDir, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def find_eval_dir(run_dir: str | Path) -> Path | None:
 
 def _run_facts(run_dir: Path) -> dict[str, str]:
     """A few settings of the run (from config.yaml) worth printing at the top of the report."""
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         return {}
     from tspo.configuration import ConfigError, read_yaml

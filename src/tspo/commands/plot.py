@@ -35,13 +35,14 @@ def _split(text: str | None) -> list[str] | None:
 
 def run(args: argparse.Namespace) -> int:
     from tspo.errors import CLIError
+    from tspo.runs import RunDir
 
     run_dirs = [Path(d) for d in args.run_dirs]
     for run_dir in run_dirs:
         if not run_dir.is_dir():
             raise CLIError(f"run directory not found: {run_dir}")
-        if not (run_dir / "metrics.jsonl").is_file():
-            raise CLIError(f"{run_dir} has no metrics.jsonl (is it a tspo run directory?)")
+        if not RunDir(run_dir).metrics.is_file():
+            raise CLIError(f"{run_dir} has no {RunDir(run_dir).metrics.name} (is it a tspo run directory?)")
     if not 0.0 <= args.smooth < 1.0:
         raise CLIError(f"--smooth must be in [0, 1), got {args.smooth}")
     keys, labels = _split(args.keys), _split(args.labels)
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if compare:
-            out_dir = Path(args.out) if args.out else run_dirs[0] / "plots"
+            out_dir = Path(args.out) if args.out else RunDir(run_dirs[0]).plots
             written = [
                 plot_runs(run_dirs, out_dir / "compare.png", keys=keys, labels=labels, smooth=args.smooth)
             ]
