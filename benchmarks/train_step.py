@@ -70,7 +70,7 @@ def measure(preset: str, steps: int, out: Path, overrides: list[str], bf16: str)
             *overrides,
         ],
     )
-    Trainer(config).train()
+    Trainer(config, overwrite=True).train()  # a rerun replaces its own earlier run
     # The first step pays one-off costs (lazy imports, allocator warm-up): report the rest.
     lines = [line for line in read_metrics(run_dir) if "time/step" in line][1:]
     row: dict = {"preset": preset, "bf16": bf16, "steps": len(lines)}
