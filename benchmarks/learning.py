@@ -90,7 +90,8 @@ def run_algorithm(name: str, seed: int, warm: Path, out: Path, args: argparse.Na
     ]
     config = load_train_config("tiny", None, overrides)
     if not run_finished(run_dir, args.steps) or not (run_dir / QUESTIONS_FILE).is_file():
-        trainer = Trainer(config)
+        # An unfinished run in run_dir (an interrupted table) is started again from nothing.
+        trainer = Trainer(config, overwrite=run_dir.exists())
         trainer.train()
         write_question_outcomes(trainer, run_dir / QUESTIONS_FILE)
     return run_result(name, seed, run_dir, args.threshold)

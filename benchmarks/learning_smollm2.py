@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
 import statistics
 import time
 from collections import defaultdict
@@ -82,7 +81,7 @@ def _config(seed: int, name: str, run_dir: Path, steps: int, overrides: Sequence
     )
 
 
-def heldout(trainer: Any, greedy: bool) -> dict[str, Any]:
+def heldout(trainer: Any, greedy: bool, label: str = "") -> dict[str, Any]:
     """One rollout per held-out question: the summary, EM per hop count and EM per question id.
 
     Sampled decoding uses the same seeds as the trainer's own evaluation (one per batch of questions),
@@ -108,6 +107,10 @@ def heldout(trainer: Any, greedy: bool) -> dict[str, Any]:
                 greedy=greedy,
             )
             records.extend(result.records)
+            print(
+                f"    {label} {'greedy' if greedy else 'sampled'} evaluation: {len(records)}/{len(examples)}",
+                flush=True,
+            )
     hops = {str(ex.id): len(ex.metadata["chain"]) for ex in examples}
     by_hops: dict[int, list[float]] = defaultdict(list)
     for record in records:
@@ -119,17 +122,15 @@ def heldout(trainer: Any, greedy: bool) -> dict[str, Any]:
     }
 
 
-def evaluate_both(trainer: Any) -> dict[str, Any]:
-    return {"greedy": heldout(trainer, greedy=True), "sampled": heldout(trainer, greedy=False)}
+def evaluate_both(trainer: Any, label: str) -> dict[str, Any]:
+    return {"greedy": heldout(trainer, True, label), "sampled": heldout(trainer, False, label)}
 
 
 def _new_trainer(config: Any, run_dir: Path) -> Any:
     from tspo.training.trainer import Trainer
 
     # A run directory without result.json is an interrupted run: start it again from nothing.
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    trainer = Trainer(config)
+    trainer = Trainer(config, overwrite=run_dir.exists())
     trainer.setup()
     return trainer
 
@@ -142,7 +143,7 @@ def seed_start(seed: int, out: Path, args: Any) -> dict[str, Any]:
     run_dir = out / f"seed{seed}" / "start"
     started = time.perf_counter()
     trainer = _new_trainer(_config(seed, BASELINE, run_dir, 0, args.override), run_dir)
-    start = evaluate_both(trainer)
+    start = evaluate_both(trainer, f"seed {seed} start")
     start["eval_seconds"] = time.perf_counter() - started
     path.write_text(json.dumps(start))
     del trainer
@@ -168,7 +169,7 @@ def run_algorithm(name: str, seed: int, out: Path, args: Any) -> dict[str, Any]:
         train.append({k: float(metrics[k]) for k in TRAIN_KEYS if k in metrics})
         if args.eval_every and trainer.step % args.eval_every == 0 and trainer.step < args.steps:
             started = time.perf_counter()
-            point = evaluate_both(trainer)
+            point = evaluate_both(trainer, f"seed {seed} {name} step {trainer.step}")
             eval_seconds += time.perf_counter() - started
             curve.append(_curve_point(trainer.step, point))
             metrics.update(_eval_metrics(point))
@@ -179,7 +180,7 @@ def run_algorithm(name: str, seed: int, out: Path, args: Any) -> dict[str, Any]:
             flush=True,
         )
     started = time.perf_counter()
-    final = evaluate_both(trainer)
+    final = evaluate_both(trainer, f"seed {seed} {name} final")
     eval_seconds += time.perf_counter() - started
     curve.append(_curve_point(trainer.step, final))
     trainer.logger.log(trainer.step, _eval_metrics(final))
