@@ -1,0 +1,88 @@
+"""The learning benchmark's statistics and SmolLM2 table on fabricated runs (no model is trained here;
+the benchmark itself runs for an hour and more)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import learning_smollm2
+from learning_stats import paired_difference, plot_curves_with_band, pooled_difference
+
+
+def outcomes(wins: int, total: int = 40, offset: int = 0) -> dict[str, float]:
+    """Question ids q0..q{total-1}; ``wins`` of them (from ``offset``) scored 1."""
+    return {f"q{i}": float(offset <= i < offset + wins) for i in range(total)}
+
+
+def test_paired_difference_is_the_mean_difference_with_an_interval_around_it():
+    ours, baseline = outcomes(20), outcomes(10)
+    result = paired_difference(ours, baseline, seed=0)
+    assert result["diff"] == pytest.approx(0.25)
+    assert result["low"] < 0.25 < result["high"] and result["questions"] == 40
+    same = paired_difference(baseline, baseline, seed=0)
+    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0, "questions": 40}
+    with pytest.raises(ValueError, match="no held-out question"):
+        paired_difference({"a": 1.0}, {"b": 1.0}, seed=0)
+
+
+def test_pooled_difference_averages_seeds_and_narrows_with_more_of_them():
+    one = pooled_difference([(outcomes(20), outcomes(10))], seed=0)
+    three = pooled_difference([(outcomes(20), outcomes(10))] * 3, seed=0)
+    assert one["diff"] == three["diff"] == pytest.approx(0.25)
+    assert three["high"] - three["low"] < one["high"] - one["low"]
+    mixed = pooled_difference([(outcomes(20), outcomes(10)), (outcomes(10), outcomes(20))], seed=0)
+    assert mixed["diff"] == pytest.approx(0.0) and mixed["low"] < 0 < mixed["high"]
+
+
+def fake_eval(wins: int) -> dict:
+    questions = outcomes(wins)
+    em = sum(questions.values()) / len(questions)
+    return {
+        "summary": {"em": em, "near_miss": 0.2, "complete_failure": 0.5, "searches": 1.5},
+        "em_by_hops": {"1": em + 0.1, "2": em, "3": em - 0.1},
+        "questions": questions,
+    }
+
+
+def fake_run(name: str, seed: int, wins: int, mid_wins: int) -> dict:
+    return {
+        "algorithm": name,
+        "seed": seed,
+        "steps": 8,
+        "train": [{"outcome/mean": 0.2, "groups/all_wrong": 0.5, "category/near_miss": 0.25}] * 8,
+        "curve": [
+            {"step": 4, "greedy": mid_wins / 40, "sampled": mid_wins / 40},
+            {"step": 8, "greedy": wins / 40, "sampled": wins / 40},
+        ],
+        "final": {"greedy": fake_eval(wins), "sampled": fake_eval(wins)},
+        "rl_seconds": 100.0,
+        "eval_seconds": 50.0,
+    }
+
+
+def test_smollm2_table_pairs_every_algorithm_with_grpo_of_its_seed(tmp_path: Path):
+    starts = {s: {"greedy": fake_eval(4), "sampled": fake_eval(4), "eval_seconds": 30.0} for s in (0, 1)}
+    runs = [fake_run("grpo", s, wins=12, mid_wins=8) for s in (0, 1)]
+    runs += [fake_run("tspo", s, wins=16, mid_wins=12) for s in (0, 1)]
+    summary = learning_smollm2.summarize(starts, runs, ["tspo", "grpo"])
+    rows = {row["algorithm"]: row for row in summary["rows"]}
+    assert rows["tspo"]["greedy_em"] == pytest.approx(0.4)
+    assert rows["tspo"]["greedy_vs_grpo"]["diff"] == pytest.approx(0.1)
+    assert rows["grpo"]["greedy_vs_grpo"] is None
+    # tspo's greedy EM reaches grpo's final (12/40) at step 4; grpo itself only at its last step.
+    assert rows["tspo"]["steps_to_grpo_final"] == [4, 4] and rows["grpo"]["steps_to_grpo_final"] == [8, 8]
+    assert rows["tspo"]["train/groups/all_wrong"] == pytest.approx(0.5)
+    assert summary["compute_seconds"] == pytest.approx(2 * 30 + 4 * 150)
+    assert summary["first_step_near_miss_train"] == pytest.approx(0.25)
+    args = SimpleNamespace(seeds=[0, 1], steps=8, override=[])
+    text = learning_smollm2.markdown(summary, 700.0, args)
+    assert "| tspo | 0.400 ± 0.000 |" in text and "+0.100 [" in text
+    assert "| 1 | tspo | 0.100 -> 0.400 |" in text
+    curves = {"grpo": [[(0, 0.1), (8, 0.3)], [(0, 0.1), (8, 0.2)]]}
+    assert plot_curves_with_band(curves, tmp_path / "em.png", "EM", "test").stat().st_size > 0
