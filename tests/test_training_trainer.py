@@ -65,7 +65,15 @@ def test_non_finite_loss_is_skipped_logged_and_rolled_back(tmp_path, monkeypatch
         return (loss * float("nan") if calls["n"] in (3, 4, 5) else loss), metrics
 
     monkeypatch.setattr(update, "policy_loss", poisoned)
-    config = micro_config(tmp_path, "trainer.steps=6", "trainer.save_every=2", "trainer.max_bad_updates=2")
+    # A KL term makes every row run (zero-advantage rows are left out of an update without one), so each
+    # step is one policy_loss call and the poisoned calls are steps 3-5 whatever the advantages.
+    config = micro_config(
+        tmp_path,
+        "trainer.steps=6",
+        "trainer.save_every=2",
+        "trainer.max_bad_updates=2",
+        "algorithm.kl_coef=0.001",
+    )
     trainer = Trainer(config)
     summary = trainer.train()
     lines = [line for line in read_lines(tmp_path / "run") if "actor/skipped_update" in line]
