@@ -118,7 +118,7 @@ def write_question_outcomes(trainer: object, path: Path) -> None:
 
 def run_finished(run_dir: Path, steps: int) -> bool:
     """Whether ``run_dir`` holds a completed run of ``steps`` steps (its final evaluation is logged)."""
-    from tspo.training.metrics import read_metrics
+    from tspo.runs import read_metrics
 
     if not (run_dir / "metrics.jsonl").is_file():
         return False
@@ -127,7 +127,7 @@ def run_finished(run_dir: Path, steps: int) -> bool:
 
 def run_result(name: str, seed: int, run_dir: Path, threshold: float) -> dict:
     """One run's row, read back from its metrics (so finished runs are reported without rerunning)."""
-    from tspo.training.metrics import read_metrics
+    from tspo.runs import read_metrics
 
     lines = read_metrics(run_dir)
     curve = [(line["step"], line["eval/em"]) for line in lines if line.get("eval/em") is not None]
@@ -244,7 +244,7 @@ def main() -> None:
             )
     runs_out = [{k: v for k, v in r.items() if k != "questions"} for r in results]
     (args.out / "learning.json").write_text(json.dumps({"summary": rows, "runs": runs_out}, indent=2))
-    from tspo.training.plots import plot_runs
+    from tspo.analysis.plots import plot_runs
 
     plot_runs(
         [Path(r["run_dir"]) for r in results],

@@ -20,7 +20,7 @@ from tspo.analysis import (
     find_eval_dir,
     pick_examples,
 )
-from tspo.analysis.curves import curve_summaries, sample_steps, validation_datasets
+from tspo.analysis.curves import curve_summaries, metric_series, sample_steps, validation_datasets
 from tspo.cli import main
 from tspo.data.qa import read_qa_jsonl
 from tspo.data.world import WorldConfig, generate_world, write_world
@@ -30,7 +30,6 @@ from tspo.protocol import ProtocolConfig
 from tspo.retrieval import BM25Retriever, read_corpus
 from tspo.rollout import RolloutConfig, ScriptedEngine, build_word_tokenizer
 from tspo.training.metrics import MetricsLogger
-from tspo.training.plots import metric_series
 
 PROTOCOL = ProtocolConfig(use_chat_template=False)
 CONFIG = RolloutConfig(

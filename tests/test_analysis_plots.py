@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from tspo.analysis.curves import ema, metric_series
+from tspo.analysis.plots import plot_run, plot_runs
 from tspo.commands import plot as plot_command
 from tspo.errors import CLIError
 from tspo.training.metrics import MetricsLogger
-from tspo.training.plots import ema, metric_series, plot_run, plot_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
