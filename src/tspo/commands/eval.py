@@ -280,10 +280,10 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot open the retriever: {err}") from None
         try:
             if args.engine == "vllm":
-                from tspo.rollout import load_tokenizer
-
-                tokenizer = load_tokenizer(source.spec)
-                engine = make_engine("vllm", model=source.spec, tokenizer=tokenizer)
+                # The engine resolves 'smollm2' and .gguf paths to the converted checkpoint and loads
+                # the tokenizer from there (load_tokenizer would not know the alias).
+                engine = make_engine("vllm", model=source.spec)
+                tokenizer = engine.tokenizer
             else:
                 model, tokenizer = load_model(source, dtype=args.dtype, device=args.device)
                 engine = make_engine("hf", model=model, tokenizer=tokenizer)
