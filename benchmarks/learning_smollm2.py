@@ -90,33 +90,35 @@ def _config(seed: int, name: str, run_dir: Path, steps: int, overrides: Sequence
 def heldout(trainer: Any, greedy: bool, label: str = "") -> dict[str, Any]:
     """One rollout per held-out question: the summary, EM per hop count and EM per question id.
 
-    Sampled decoding uses the same seeds as the trainer's own evaluation (one per batch of questions),
-    so the start and every algorithm draw from the same random stream.
+    The trainer's own evaluation rollouts (:func:`tspo.evaluation.heldout.heldout_records`: the same
+    seeds per batch of questions), so the start and every algorithm draw from the same random stream.
     """
-    from tspo.evaluation.runner import evaluate_policy
+    from tspo.evaluation.heldout import heldout_records
     from tspo.evaluation.summary import summarize_records
 
     res, cfg = trainer.resources, trainer.config
     examples = res.eval_examples
-    records: list[dict[str, Any]] = []
+    done = [0]
+
+    def progress(count: int) -> None:
+        done[0] += count
+        decoding = "greedy" if greedy else "sampled"
+        print(f"    {label} {decoding} evaluation: {done[0]}/{len(examples)}", flush=True)
+
     with trainer._generation_precision():
-        for start in range(0, len(examples), EVAL_BATCH):
-            result = evaluate_policy(
-                res.engine,
-                res.tokenizer,
-                res.retriever,
-                examples[start : start + EVAL_BATCH],
-                cfg.rollout,
-                metric=cfg.reward.metric,
-                hit_mode=cfg.reward.hit_mode,
-                seed=cfg.trainer.seed * 1_000_003 + start,
-                greedy=greedy,
-            )
-            records.extend(result.records)
-            print(
-                f"    {label} {'greedy' if greedy else 'sampled'} evaluation: {len(records)}/{len(examples)}",
-                flush=True,
-            )
+        records = heldout_records(
+            res.engine,
+            res.tokenizer,
+            res.retriever,
+            examples,
+            cfg.rollout,
+            greedy=greedy,
+            metric=cfg.reward.metric,
+            hit_mode=cfg.reward.hit_mode,
+            seed=cfg.trainer.seed,
+            batch_size=EVAL_BATCH,
+            progress=progress,
+        )
     hops = {str(ex.id): len(ex.metadata["chain"]) for ex in examples}
     by_hops: dict[int, list[float]] = defaultdict(list)
     for record in records:

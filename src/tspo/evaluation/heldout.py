@@ -56,31 +56,65 @@ def heldout_metrics(
     if sampled and rollout_config.temperature > 0:
         decodings.append(("sampled", False))
     metrics: dict[str, float] = {}
-    config = dataclasses.replace(rollout_config, generation_batch_size=max(1, batch_size))
     for name, greedy in decodings:
-        records: list[dict[str, Any]] = []
-        for start in range(0, len(examples), max(1, batch_size)):
-            batch = examples[start : start + batch_size]
-            result = evaluate_policy(
-                engine,
-                tokenizer,
-                retriever,
-                batch,
-                config,
-                metric=metric,
-                hit_mode=hit_mode,
-                # A distinct, fixed sample per batch: the same questions get the same seeds every call.
-                seed=seed * 1_000_003 + start,
-                greedy=greedy,
-            )
-            records.extend(result.records)
-            if progress is not None:
-                progress(len(batch))
+        records = heldout_records(
+            engine,
+            tokenizer,
+            retriever,
+            examples,
+            rollout_config,
+            greedy=greedy,
+            metric=metric,
+            hit_mode=hit_mode,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
         metrics.update({f"{name}/{key}": value for key, value in summarize_records(records).items()})
     metrics.update(
         {key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith("greedy/")}
     )
     return metrics
+
+
+def heldout_records(
+    engine: Any,
+    tokenizer: Any,
+    retriever: Any,
+    examples: Sequence[Any],
+    rollout_config: RolloutConfig,
+    *,
+    greedy: bool,
+    metric: str = "em",
+    hit_mode: str = "whole_word",
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: Any = None,
+) -> list[dict[str, Any]]:
+    """One scored record per example for one decoding, rolled out ``batch_size`` questions at a time.
+
+    Sampling uses a distinct, fixed seed per batch, so the same questions get the same samples at every
+    call (before and after training, and in every run that evaluates them).
+    """
+    config = dataclasses.replace(rollout_config, generation_batch_size=max(1, batch_size))
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(examples), max(1, batch_size)):
+        batch = examples[start : start + batch_size]
+        result = evaluate_policy(
+            engine,
+            tokenizer,
+            retriever,
+            batch,
+            config,
+            metric=metric,
+            hit_mode=hit_mode,
+            seed=seed * 1_000_003 + start,
+            greedy=greedy,
+        )
+        records.extend(result.records)
+        if progress is not None:
+            progress(len(batch))
+    return records
 
 
 def behaviour_change(
