@@ -1,8 +1,14 @@
 """Throughput of the multi-turn rollout loop against plain batched ``model.generate``.
 
-For each model (``tiny``: a Qwen2 model built on the synthetic world and warm-started for a few SFT
-steps so that it searches and answers; ``smollm2``: SmolLM2-135M-Instruct from its GGUF file), in one
-process and interleaved over ``--repeats`` rounds:
+For each model, in one process and interleaved over ``--repeats`` rounds:
+
+- ``tiny``: a Qwen2 model built on a tiny synthetic world and warm-started for a few SFT steps so that it
+  searches and answers, with Search-R1's zero-shot prompt;
+- ``smollm2``: SmolLM2-135M-Instruct as ``tspo train`` runs it (the ``quickstart`` preset: its world, BM25
+  index, worked example in the prompt, temperature, turn and token limits), on one step's worth of
+  training questions (prompts per step x group size);
+
+and for each:
 
 - rollout: ``run_rollouts`` with the HF engine (KV cache kept across turns) and a BM25 index over the
   world's corpus; generated tokens per second over the whole loop, and its time split
@@ -68,8 +74,9 @@ class ModelSetting:
 
 SETTINGS = {
     "tiny": ModelSetting("tiny", questions=16, group_size=4, max_new_tokens=48, max_turns=2, batch_size=64),
+    # The quickstart preset's own step (4 prompts x 4 rollouts); turn and token limits come from the preset.
     "smollm2": ModelSetting(
-        "smollm2", questions=4, group_size=2, max_new_tokens=64, max_turns=2, batch_size=8
+        "smollm2", questions=4, group_size=4, max_new_tokens=0, max_turns=0, batch_size=16
     ),
 }
 
@@ -224,6 +231,33 @@ def warm_start_tiny(
     return float(loss.detach())
 
 
+def quickstart(
+    workdir: Path, seed: int, setting: ModelSetting
+) -> tuple[Any, Any, Any, RolloutConfig, list[Any]]:
+    """(model, tokenizer, retriever, rollout config, training questions) of ``tspo train``'s default run.
+
+    Built by the trainer itself on the ``quickstart`` preset, so the prompt (worked examples with real
+    BM25 results), the world and every rollout limit are the ones users run.
+    """
+    from tspo.training.config import load_train_config
+    from tspo.training.trainer import Trainer
+
+    config = load_train_config(
+        "quickstart",
+        None,
+        [
+            f"trainer.output_dir={workdir / 'quickstart'}",
+            f"trainer.seed={seed}",
+            f"rollout.generation_batch_size={setting.batch_size}",
+            "data.eval_size=8",
+        ],
+    )
+    trainer = Trainer(config)
+    trainer.setup()
+    res = trainer.resources
+    return res.model, res.tokenizer, res.retriever, config.rollout, res.rl_examples
+
+
 @dataclass
 class Round:
     rollout_s: float
@@ -305,28 +339,35 @@ def bench_model(
         notes["warm_start_loss"] = warm_start_tiny(
             model, tokenizer, world, retriever, args.tiny_warmup_steps, args.seed
         )
+        questions = [(q.question, q.golden_answers) for q in world.test[: setting.questions]]
+        config = RolloutConfig(
+            max_turns=setting.max_turns,
+            max_new_tokens=setting.max_new_tokens,
+            max_observation_tokens=256,
+            generation_batch_size=setting.batch_size,
+            temperature=1.0,
+        )
     else:
-        model, tokenizer = load_policy("smollm2", device="cpu", dtype="float32")
+        model, tokenizer, retriever, config, examples = quickstart(workdir, args.seed, setting)
+        questions = [(ex.question, ex.golds) for ex in examples[: setting.questions]]
+        if args.max_new_tokens is not None:
+            config = replace(config, max_new_tokens=args.max_new_tokens)
+        setting = replace(setting, max_new_tokens=config.max_new_tokens, max_turns=config.max_turns)
+        notes["prompt"] = "quickstart preset: worked example(s) in the prompt, no chat template"
     notes["load_seconds"] = time.perf_counter() - start
     notes["parameters"] = int(sum(p.numel() for p in model.parameters()))
+    notes["temperature"] = config.temperature
     model.eval()
 
-    questions = world.test[: setting.questions]
     tasks = [
-        RolloutTask(question=q.question, golds=q.golden_answers, group_id=g, sample_id=f"{q.id}#{s}")
-        for g, q in enumerate(questions)
+        RolloutTask(question=question, golds=golds, group_id=g, sample_id=f"q{g}#{s}")
+        for g, (question, golds) in enumerate(questions)
         for s in range(setting.group_size)
     ]
-    config = RolloutConfig(
-        max_turns=setting.max_turns,
-        max_new_tokens=setting.max_new_tokens,
-        max_observation_tokens=256,
-        generation_batch_size=setting.batch_size,
-        temperature=1.0,
-    )
     engine = HFEngine(model, tokenizer, kv_cache=True)
     nocache = HFEngine(model, tokenizer, kv_cache=False)
-    prompts = [build_prompt_ids(t.question, tokenizer) for t in tasks]
+    prompts = [build_prompt_ids(t.question, tokenizer, config.protocol) for t in tasks]
+    notes["prompt_tokens"] = statistics.fmean(len(p) for p in prompts)
     for warm in (engine, nocache):
         warm.generate(
             prompts[:2], SamplingParams(max_new_tokens=2, stop=config.protocol.stop_strings, seed=0)
