@@ -299,7 +299,9 @@ def test_split_statistics_and_float64_reductions(monkeypatch):
     assert sg.split_statistics(a, torch.zeros(7))["cos"] is None
     c = torch.arange(7.0)
     assert sg.dot(c, c) == float((c * c).sum())
-    assert sg.distance(c, c + 1) == pytest.approx(math.sqrt(7))
+    assert sg.distance_to_sum(c, [c - 1]) == pytest.approx(math.sqrt(7))
+    assert sg.distance_to_sum(c, [0.5 * c, 0.5 * c]) == 0.0
+    assert sg.distance_to_sum(a, []) == 3.0
 
 
 def test_near_miss_rows_and_batch_description():
