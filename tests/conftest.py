@@ -24,6 +24,33 @@ TINY_RUN_OVERRIDES = [
 ]
 
 
+def tiny_qwen2(
+    *,
+    seed: int = 0,
+    vocab_size: int = 50,
+    kv_heads: int = 4,
+    max_positions: int = 64,
+    tied_embeddings: bool = True,
+):
+    """A randomly initialised 2-layer Qwen2 (hidden 32, 4 heads) for trainer and update tests: real
+    transformers code, milliseconds per forward pass. The same ``seed`` gives the same weights."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tied_embeddings,
+    )
+    return Qwen2ForCausalLM(config)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow")
 

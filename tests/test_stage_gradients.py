@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
+
+from conftest import tiny_qwen2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -41,17 +43,7 @@ NEAR_MISSES = [True, True, False, False, False, False, True, False]
 
 
 def tiny_model() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return Qwen2ForCausalLM(config)
+    return tiny_qwen2()
 
 
 def fabricated_batch(alpha: float = ALPHA):

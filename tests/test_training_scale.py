@@ -7,9 +7,10 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 import tspo.training.policy as policy
+from conftest import tiny_qwen2
 from tspo.training.config import load_train_config
 from tspo.training.policy import (
     float32_output_head,
@@ -24,18 +25,7 @@ VOCAB = 64
 
 
 def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config)
+    return tiny_qwen2(seed=seed, vocab_size=VOCAB, max_positions=128, tied_embeddings=False)
 
 
 def ragged_batch() -> tuple[TrajectoryBatch, torch.Tensor]:

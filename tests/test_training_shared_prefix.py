@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
 import tspo.training.policy as policy
+from conftest import tiny_qwen2
 from tspo.training.policy import MIN_SHARED_PREFIX, common_prompt_prefix, response_scores
 from tspo.trajectory import TrajectoryBatch, TrajectoryBuilder, TurnAction, collate_trajectories
 
@@ -16,18 +17,7 @@ SHARED = [3 + (i * 7) % (VOCAB - 3) for i in range(MIN_SHARED_PREFIX + 8)]
 
 
 def tiny_model(seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config)
+    return tiny_qwen2(seed=seed, vocab_size=VOCAB, kv_heads=2, max_positions=256, tied_embeddings=False)
 
 
 def few_shot_batch(shared: list[int] = SHARED) -> TrajectoryBatch:

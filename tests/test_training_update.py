@@ -6,25 +6,16 @@ import copy
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 
+from conftest import tiny_qwen2
 from tspo.training.policy import batched_logprobs
 from tspo.training.update import UpdateSettings, policy_update
 from tspo.trajectory import TrajectoryBuilder, TurnAction, collate_trajectories
 
 
 def tiny_model() -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return Qwen2ForCausalLM(config)
+    return tiny_qwen2()
 
 
 def batch_of_four():
