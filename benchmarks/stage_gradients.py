@@ -465,7 +465,7 @@ def measure_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     measured: list[Measured] = []
     for name in args.algorithms:
         with as_algorithm(trainer, _config(seed, name, run_dir, 1, overrides).algorithm):
-            scores = trainer._score(trajectories)
+            scores = trainer.score(trajectories)
             inputs = advantage_inputs(scores, batch, group_ids)
             algorithm = trainer.algorithm
             output = compute_advantages(algorithm.estimator, inputs, **algorithm.estimator_options)

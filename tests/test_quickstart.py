@@ -72,6 +72,7 @@ def test_quickstart_preset_shortened_end_to_end(tmp_path: Path):
     assert "searches per question" in out and "near miss" in out
     assert f"checkpoint         : {run_dir / 'checkpoints' / 'step-00000002'}" in out
     assert f"plots              : {run_dir / 'plots'}/" in out
+    assert f"held-out answers   : {run_dir / 'heldout'}/ (before-greedy.jsonl, before-sampled.jsonl, " in out
     # Off a terminal progress is log lines, one per RL step, none with a carriage return.
     assert "step 1/2 | reward" in err and "step 2/2 | reward" in err
     assert "\r" not in err  # not even transformers' loading bars

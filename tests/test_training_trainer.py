@@ -50,6 +50,18 @@ def test_train_writes_metrics_checkpoint_and_resolved_config(tmp_path):
         assert math.isfinite(step_line[key])
     assert step_line["rollout/trajectories"] == 6
     assert "em" in summary.eval_before and "em" in summary.eval_after
+    # Every held-out answer is kept, one scored record per question, and agrees with the logged EM.
+    decodings = ["greedy", "sampled"] if "sampled/em" in summary.eval_after else ["greedy"]
+    expected = [run / "heldout" / f"{tag}-{d}.jsonl" for tag in ("before", "after") for d in decodings]
+    assert summary.heldout_files == expected
+    for path in expected:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        evaluation = summary.eval_before if path.name.startswith("before") else summary.eval_after
+        decoding = path.stem.split("-", 1)[1]
+        assert len(records) == evaluation[f"{decoding}/n"]
+        em = sum(record["scores"]["em"] for record in records) / len(records)
+        assert em == pytest.approx(evaluation[f"{decoding}/em"])
+        assert {"question", "golds", "answer", "category", "turns"} <= set(records[0])
 
 
 def test_non_finite_loss_is_skipped_logged_and_rolled_back(tmp_path, monkeypatch):

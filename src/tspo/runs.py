@@ -48,6 +48,7 @@ WORLD_DIR = "world"
 TINY_MODEL_DIR = "tiny_model"
 FEW_SHOT_FILE = "few_shot_examples.json"
 EVAL_DIR = "eval"
+HELDOUT_DIR = "heldout"
 ANALYSIS_DIR = "analysis"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -65,6 +66,7 @@ RUN_ENTRIES = (
     TINY_MODEL_DIR,
     FEW_SHOT_FILE,
     EVAL_DIR,
+    HELDOUT_DIR,
     ANALYSIS_DIR,
     TENSORBOARD_DIR,
     WANDB_ID_FILE,
@@ -144,6 +146,15 @@ class RunDir:
     @property
     def few_shot(self) -> Path:
         return self.root / FEW_SHOT_FILE
+
+    @property
+    def heldout(self) -> Path:
+        """The trainer's held-out answers: one JSONL record per question and decoding, per evaluation."""
+        return self.root / HELDOUT_DIR
+
+    def heldout_file(self, tag: str, decoding: str) -> Path:
+        """``heldout/<tag>-<decoding>.jsonl`` (``tag``: ``before``, ``after``, ``step-00000010``)."""
+        return self.heldout / f"{tag}-{decoding}.jsonl"
 
     @property
     def tensorboard(self) -> Path:

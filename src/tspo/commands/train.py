@@ -124,6 +124,11 @@ def format_summary(summary: Any, config: Any) -> str:
         lines.append(
             f"skipped updates    : {summary.skipped_updates} (non-finite), rollbacks: {summary.rollbacks}"
         )
+    heldout = list(getattr(summary, "heldout_files", []))
+    if heldout:
+        lines.append(
+            f"held-out answers   : {Path(heldout[0]).parent}/ ({', '.join(Path(p).name for p in heldout)})"
+        )
     lines.append(f"checkpoint         : {summary.checkpoint}")
     lines.append(f"metrics            : {RunDir(summary.run_dir).metrics}")
     if summary.plots:

@@ -13,7 +13,7 @@ loss) that only one decoding shows. Keys, as logged in ``metrics.jsonl`` (``eval
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tspo.evaluation.runner import evaluate_policy
@@ -37,6 +37,7 @@ def heldout_metrics(
     sampled: bool = True,
     batch_size: int = 32,
     progress: Any = None,
+    on_records: Callable[[str, list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, float]:
     """Greedy (and, with ``sampled``, sampled) metrics of one rollout per example.
 
@@ -46,6 +47,8 @@ def heldout_metrics(
         batch_size: questions rolled out together; the progress callback advances per batch.
         progress: ``progress(done: int)`` called with questions finished so far (both decodings count;
             the total is ``len(examples) * len(decodings)``), e.g. a tqdm bar's ``update``.
+        on_records: ``on_records(decoding, records)`` with each decoding's scored records
+            (:func:`~tspo.evaluation.records.trajectory_to_record`), e.g. to write them to disk.
 
     Returns:
         ``{"greedy/<key>": ..., "sampled/<key>": ..., <key>: greedy value}`` for every key of
@@ -70,6 +73,8 @@ def heldout_metrics(
             batch_size=batch_size,
             progress=progress,
         )
+        if on_records is not None:
+            on_records(name, records)
         metrics.update({f"{name}/{key}": value for key, value in summarize_records(records).items()})
     metrics.update(
         {key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith("greedy/")}

@@ -34,7 +34,7 @@ from tspo.evaluation.heldout import behaviour_change, heldout_metrics
 from tspo.evaluation.validation import validate, validation_sets
 from tspo.files import atomic_write_text
 from tspo.rollout import RolloutTask, run_rollouts
-from tspo.runs import RunDir
+from tspo.runs import RunDir, checkpoint_dir_name
 from tspo.scoring import (
     TrajectoryScore,
     advantage_inputs,
@@ -84,6 +84,7 @@ class TrainSummary:
     behaviour: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     resumed_from: int = 0
+    heldout_files: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -126,6 +127,8 @@ class Trainer:
         self.bad_updates = 0
         self.skipped_updates = 0
         self.rollbacks = 0
+        #: The held-out answer files the latest :meth:`evaluate` wrote.
+        self.last_heldout_files: list[Path] = []
         self.algorithm = config.algorithm.resolved()
 
     # ------------------------------------------------------------------ setup
@@ -324,7 +327,9 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ rollouts
-    def _score(self, trajectories: Sequence[Trajectory]) -> list[TrajectoryScore]:
+    def score(self, trajectories: Sequence[Trajectory]) -> list[TrajectoryScore]:
+        """Outcome, FOLR and shaping of ``trajectories`` as this run scores them for training (the reward
+        config, the algorithm's FOLR weight, the rollout protocol)."""
         rc = self.config.reward
         return score_trajectories(
             trajectories,
@@ -376,7 +381,7 @@ class Trainer:
             for key, value in result.counters.items():
                 counters[key] = counters.get(key, 0.0) + value
             start = time.perf_counter()
-            scores = self._score(result.trajectories)
+            scores = self.score(result.trajectories)
             timings["score"] += time.perf_counter() - start
             all_trajs.extend(result.trajectories)
             all_scores.extend(scores)
@@ -517,8 +522,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and checkpoints
     def evaluate(self, tag: str) -> dict[str, float]:
-        """Greedy and sampled held-out metrics (:func:`~tspo.evaluation.heldout.heldout_metrics`)."""
+        """Greedy and sampled held-out metrics (:func:`~tspo.evaluation.heldout.heldout_metrics`).
+
+        Every answer is kept: ``heldout/<tag>-<decoding>.jsonl`` in the run directory (``tag`` is
+        ``before``, ``after`` or the step's checkpoint name), one scored record per question.
+        """
         res, cfg = self.resources, self.config
+        file_tag = tag if tag in ("before", "after") else checkpoint_dir_name(self.step)
+        self.last_heldout_files = []
+
+        def keep(decoding: str, records: list[dict[str, Any]]) -> None:
+            path = self.run.heldout_file(file_tag, decoding)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
+            self.last_heldout_files.append(path)
+
         sampled = cfg.trainer.eval_sampled and cfg.rollout.temperature > 0
         total = len(res.eval_examples) * (2 if sampled else 1)
         with (
@@ -538,6 +556,7 @@ class Trainer:
                 seed=cfg.trainer.seed,
                 sampled=sampled,
                 progress=bar.update,
+                on_records=keep,
             )
         text = f"greedy EM {metrics.get('greedy/em', 0.0):.3f}"
         if "sampled/em" in metrics:
@@ -614,6 +633,7 @@ class Trainer:
         resumed = self.step > 0
         if cfg.eval_before and not resumed:
             summary.eval_before = self.evaluate("before")
+            summary.heldout_files += self.last_heldout_files
             self.logger.log(0, {f"eval/{k}": v for k, v in summary.eval_before.items()})
         monitor = NoSignalMonitor(cfg.no_signal_steps)
         first_step, loop_start = self.step, time.perf_counter()
@@ -647,6 +667,7 @@ class Trainer:
                 progress.advance(1, postfix=line if self._interactive else None, line=line)
         summary.steps = self.step
         summary.eval_after = self.evaluate("after")
+        summary.heldout_files += self.last_heldout_files
         if summary.eval_before:
             summary.behaviour = behaviour_change(summary.eval_before, summary.eval_after)
         self.logger.log(self.step, {f"eval/{k}": v for k, v in summary.eval_after.items()})
