@@ -74,9 +74,10 @@ class ModelSetting:
 
 SETTINGS = {
     "tiny": ModelSetting("tiny", questions=16, group_size=4, max_new_tokens=48, max_turns=2, batch_size=64),
-    # The quickstart preset's own step (4 prompts x 4 rollouts); turn and token limits come from the preset.
+    # 0: the quickstart preset's own value (one step's prompts x group size, its batch, turn and token
+    # limits), so the case measures what `tspo train` runs.
     "smollm2": ModelSetting(
-        "smollm2", questions=4, group_size=4, max_new_tokens=0, max_turns=0, batch_size=16
+        "smollm2", questions=0, group_size=0, max_new_tokens=0, max_turns=0, batch_size=0
     ),
 }
 
@@ -231,10 +232,8 @@ def warm_start_tiny(
     return float(loss.detach())
 
 
-def quickstart(
-    workdir: Path, seed: int, setting: ModelSetting
-) -> tuple[Any, Any, Any, RolloutConfig, list[Any]]:
-    """(model, tokenizer, retriever, rollout config, training questions) of ``tspo train``'s default run.
+def quickstart(workdir: Path, seed: int, setting: ModelSetting) -> tuple[Any, Any, Any, Any, list[Any]]:
+    """(model, tokenizer, retriever, train config, training questions) of ``tspo train``'s default run.
 
     Built by the trainer itself on the ``quickstart`` preset, so the prompt (worked examples with real
     BM25 results), the world and every rollout limit are the ones users run.
@@ -248,14 +247,14 @@ def quickstart(
         [
             f"trainer.output_dir={workdir / 'quickstart'}",
             f"trainer.seed={seed}",
-            f"rollout.generation_batch_size={setting.batch_size}",
+            *([f"rollout.generation_batch_size={setting.batch_size}"] if setting.batch_size else []),
             "data.eval_size=8",
         ],
     )
     trainer = Trainer(config)
     trainer.setup()
     res = trainer.resources
-    return res.model, res.tokenizer, res.retriever, config.rollout, res.rl_examples
+    return res.model, res.tokenizer, res.retriever, config, res.rl_examples
 
 
 @dataclass
@@ -348,11 +347,19 @@ def bench_model(
             temperature=1.0,
         )
     else:
-        model, tokenizer, retriever, config, examples = quickstart(workdir, args.seed, setting)
-        questions = [(ex.question, ex.golds) for ex in examples[: setting.questions]]
+        model, tokenizer, retriever, train_config, examples = quickstart(workdir, args.seed, setting)
+        config = train_config.rollout
         if args.max_new_tokens is not None:
             config = replace(config, max_new_tokens=args.max_new_tokens)
-        setting = replace(setting, max_new_tokens=config.max_new_tokens, max_turns=config.max_turns)
+        setting = replace(
+            setting,
+            questions=setting.questions or train_config.trainer.prompts_per_step,
+            group_size=setting.group_size or train_config.trainer.group_size,
+            batch_size=config.generation_batch_size,
+            max_new_tokens=config.max_new_tokens,
+            max_turns=config.max_turns,
+        )
+        questions = [(ex.question, ex.golds) for ex in examples[: setting.questions]]
         notes["prompt"] = "quickstart preset: worked example(s) in the prompt, no chat template"
     notes["load_seconds"] = time.perf_counter() - start
     notes["parameters"] = int(sum(p.numel() for p in model.parameters()))
