@@ -124,11 +124,9 @@ def format_summary(summary: Any, config: Any) -> str:
         lines.append(
             f"skipped updates    : {summary.skipped_updates} (non-finite), rollbacks: {summary.rollbacks}"
         )
-    heldout = list(getattr(summary, "heldout_files", []))
-    if heldout:
-        lines.append(
-            f"held-out answers   : {Path(heldout[0]).parent}/ ({', '.join(Path(p).name for p in heldout)})"
-        )
+    if summary.heldout_files:
+        names = ", ".join(path.name for path in summary.heldout_files)
+        lines.append(f"held-out answers   : {summary.heldout_files[0].parent}/ ({names})")
     lines.append(f"checkpoint         : {summary.checkpoint}")
     lines.append(f"metrics            : {RunDir(summary.run_dir).metrics}")
     if summary.plots:

@@ -30,7 +30,7 @@ import yaml
 from tspo.algorithms import compute_advantages, group_filter_mask
 from tspo.configuration import to_dict
 from tspo.data.qa import QAExample
-from tspo.evaluation.heldout import behaviour_change, heldout_metrics
+from tspo.evaluation.heldout import DECODINGS, behaviour_change, heldout_metrics
 from tspo.evaluation.validation import validate, validation_sets
 from tspo.files import atomic_write_text
 from tspo.rollout import RolloutTask, run_rollouts
@@ -127,8 +127,6 @@ class Trainer:
         self.bad_updates = 0
         self.skipped_updates = 0
         self.rollbacks = 0
-        #: The held-out answer files the latest :meth:`evaluate` wrote.
-        self.last_heldout_files: list[Path] = []
         self.algorithm = config.algorithm.resolved()
 
     # ------------------------------------------------------------------ setup
@@ -529,13 +527,11 @@ class Trainer:
         """
         res, cfg = self.resources, self.config
         file_tag = tag if tag in ("before", "after") else checkpoint_dir_name(self.step)
-        self.last_heldout_files = []
 
         def keep(decoding: str, records: list[dict[str, Any]]) -> None:
             path = self.run.heldout_file(file_tag, decoding)
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in records))
-            self.last_heldout_files.append(path)
 
         sampled = cfg.trainer.eval_sampled and cfg.rollout.temperature > 0
         total = len(res.eval_examples) * (2 if sampled else 1)
@@ -633,7 +629,6 @@ class Trainer:
         resumed = self.step > 0
         if cfg.eval_before and not resumed:
             summary.eval_before = self.evaluate("before")
-            summary.heldout_files += self.last_heldout_files
             self.logger.log(0, {f"eval/{k}": v for k, v in summary.eval_before.items()})
         monitor = NoSignalMonitor(cfg.no_signal_steps)
         first_step, loop_start = self.step, time.perf_counter()
@@ -667,7 +662,12 @@ class Trainer:
                 progress.advance(1, postfix=line if self._interactive else None, line=line)
         summary.steps = self.step
         summary.eval_after = self.evaluate("after")
-        summary.heldout_files += self.last_heldout_files
+        summary.heldout_files = [
+            path
+            for tag in ("before", "after")
+            for decoding in DECODINGS
+            if (path := self.run.heldout_file(tag, decoding)).is_file()
+        ]
         if summary.eval_before:
             summary.behaviour = behaviour_change(summary.eval_before, summary.eval_after)
         self.logger.log(self.step, {f"eval/{k}": v for k, v in summary.eval_after.items()})
