@@ -19,12 +19,14 @@ afterwards.
     python benchmarks/learning.py --seeds 0 1 2 --steps 30 --out benchmarks/results/learning
     python benchmarks/learning.py --model smollm2 --seeds 0 1 2 --steps 8 --eval-every 0 \
         --out benchmarks/results/learning_smollm2
+    python benchmarks/learning.py --model smollm2 --workers 2     # two processes of one thread each
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -203,10 +205,28 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.6, help="held-out EM for steps-to-threshold")
     parser.add_argument("--override", nargs="*", default=[], help="extra config overrides for every run")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="smollm2: run the table's units (a seed's start, one algorithm's run) in this many processes",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per process (default: all cores with one worker, cores / workers with more)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="default benchmarks/results/learning[_smollm2]"
     )
     args = parser.parse_args()
     smollm2 = args.model == "smollm2"
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--workers and --threads must be >= 1")
+    if args.workers > 1 and not smollm2:
+        parser.error("--workers applies to --model smollm2 (tiny mode: run seeds in separate processes)")
+    if args.threads is None and args.workers > 1:
+        args.threads = max(1, (os.cpu_count() or 1) // args.workers)
     args.steps = args.steps if args.steps is not None else (8 if smollm2 else 30)
     args.eval_every = args.eval_every if args.eval_every is not None else (0 if smollm2 else 10)
     args.out = args.out or Path("benchmarks/results/learning" + ("_smollm2" if smollm2 else ""))

@@ -86,3 +86,31 @@ def test_smollm2_table_pairs_every_algorithm_with_grpo_of_its_seed(tmp_path: Pat
     assert "| 1 | tspo | 0.100 -> 0.400 |" in text
     curves = {"grpo": [[(0, 0.1), (8, 0.3)], [(0, 0.1), (8, 0.2)]]}
     assert plot_curves_with_band(curves, tmp_path / "em.png", "EM", "test").stat().st_size > 0
+
+
+def test_smollm2_units_start_each_seed_with_its_start_and_grpo_then_dspo():
+    units = learning_smollm2.unit_order([0, 1], ["tspo", "grpo", "dspo", "tspo_legacy"])
+    assert units[:5] == [(0, None), (0, "grpo"), (0, "dspo"), (0, "tspo"), (0, "tspo_legacy")]
+    assert units[5:] == [(1, None), (1, "grpo"), (1, "dspo"), (1, "tspo"), (1, "tspo_legacy")]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_smollm2_units_in_worker_processes_come_back_in_unit_order(tmp_path: Path, workers: int):
+    """Finished units on disk are read back (no model is loaded), through the real process pool."""
+    import json
+
+    expected = {}
+    for seed in (0, 1):
+        (tmp_path / f"seed{seed}").mkdir()
+        start = {"greedy": fake_eval(4 + seed), "sampled": fake_eval(3), "eval_seconds": 30.0}
+        (tmp_path / f"seed{seed}" / "start.json").write_text(json.dumps(start))
+        expected[(seed, None)] = start
+        for wins, name in enumerate(("grpo", "tspo"), start=10 + seed):
+            (tmp_path / f"seed{seed}" / name).mkdir()
+            run = fake_run(name, seed, wins, wins)
+            (tmp_path / f"seed{seed}" / name / "result.json").write_text(json.dumps(run))
+            expected[(seed, name)] = run
+    units = learning_smollm2.unit_order([0, 1], ["grpo", "tspo"])
+    args = SimpleNamespace(workers=workers, threads=None, override=[], steps=8)
+    results = learning_smollm2.run_units(units, tmp_path, args)
+    assert results == [expected[unit] for unit in units]
