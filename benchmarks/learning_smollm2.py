@@ -12,10 +12,14 @@ training again, so an interrupted table resumes where it stopped.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import multiprocessing
+import os
+import signal
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -397,12 +401,29 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _init_worker(threads: int | None) -> None:
+def _set_threads(threads: int | None) -> None:
     if threads is None:
         return
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _init_worker(threads: int | None, parent: int) -> None:
+    _exit_with_parent(parent)
+    _set_threads(threads)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Have the kernel stop this worker when ``parent`` exits (Linux), so that a table killed with
+    ``kill`` does not leave its workers training on; elsewhere Ctrl-C still reaches the whole group."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request was made
+        os._exit(1)
 
 
 def run_units(units: Sequence[tuple[int, str | None]], out: Path, args: Any) -> list[dict[str, Any]]:
@@ -415,15 +436,14 @@ def run_units(units: Sequence[tuple[int, str | None]], out: Path, args: Any) -> 
     across two threads).
     """
     if args.workers <= 1:
-        if args.threads:
-            _init_worker(args.threads)
+        _set_threads(args.threads)
         return [run_unit(seed, name, out, args) for seed, name in units]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         max_workers=args.workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(args.threads,),
+        initargs=(args.threads, os.getpid()),
         max_tasks_per_child=1,
     ) as pool:
         futures = [pool.submit(run_unit, seed, name, out, args) for seed, name in units]
