@@ -72,6 +72,7 @@ TRAIN_KEYS = (
     "advantage/near_miss_answer_stage",
     "advantage/abs_mean",
     "actor/grad_norm",
+    "data/prompts_drawn",
     "time/step",
 )
 
@@ -329,8 +330,9 @@ def markdown(summary: dict[str, Any], wall_seconds: float, args: Any) -> str:
         "## Mean over seeds (paired difference to GRPO with a 95 % bootstrap interval over questions)",
         "",
         "| algorithm | greedy EM | sampled EM | greedy vs GRPO | sampled vs GRPO | greedy EM 1 / 2 / 3 hops |"
-        " all-wrong groups | near misses (train) | stage-level share | near-miss answer-stage adv |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " all-wrong groups | near misses (train) | stage-level share | near-miss answer-stage adv |"
+        " prompts drawn per step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary["rows"]:
         hops = " / ".join(_fmt(row[f"greedy_em_{h}hop"]) for h in ("1", "2", "3"))
@@ -339,7 +341,8 @@ def markdown(summary: dict[str, Any], wall_seconds: float, args: Any) -> str:
             f"| {row['sampled_em']:.3f} ± {row['sampled_em_std']:.3f} | {_fmt(row['greedy_vs_grpo'])} "
             f"| {_fmt(row['sampled_vs_grpo'])} | {hops} | {_fmt(row['train/groups/all_wrong'])} "
             f"| {_fmt(row['train/category/near_miss'])} | {_fmt(row['train/advantage/stage_level'])} "
-            f"| {_fmt(row['train/advantage/near_miss_answer_stage'])} |"
+            f"| {_fmt(row['train/advantage/near_miss_answer_stage'])} "
+            f"| {_fmt(row['train/data/prompts_drawn'])} |"
         )
     lines += [
         "",

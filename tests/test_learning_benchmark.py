@@ -55,7 +55,15 @@ def fake_run(name: str, seed: int, wins: int, mid_wins: int) -> dict:
         "algorithm": name,
         "seed": seed,
         "steps": 8,
-        "train": [{"outcome/mean": 0.2, "groups/all_wrong": 0.5, "category/near_miss": 0.25}] * 8,
+        "train": [
+            {
+                "outcome/mean": 0.2,
+                "groups/all_wrong": 0.5,
+                "category/near_miss": 0.25,
+                "data/prompts_drawn": 4,
+            }
+        ]
+        * 8,
         "curve": [
             {"step": 4, "greedy": mid_wins / 40, "sampled": mid_wins / 40},
             {"step": 8, "greedy": wins / 40, "sampled": wins / 40},
@@ -84,6 +92,8 @@ def test_smollm2_table_pairs_every_algorithm_with_grpo_of_its_seed(tmp_path: Pat
     text = learning_smollm2.markdown(summary, 700.0, args)
     assert "| tspo | 0.400 ± 0.000 |" in text and "+0.100 [" in text
     assert "| 1 | tspo | 0.100 -> 0.400 |" in text
+    tspo_row = next(line for line in text.splitlines() if line.startswith("| tspo | 0.400"))
+    assert tspo_row.endswith("| 4.000 |")  # prompts drawn per step: the rollout budget
     curves = {"grpo": [[(0, 0.1), (8, 0.3)], [(0, 0.1), (8, 0.2)]]}
     assert plot_curves_with_band(curves, tmp_path / "em.png", "EM", "test").stat().st_size > 0
 
