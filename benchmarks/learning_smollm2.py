@@ -434,9 +434,9 @@ def run_units(units: Sequence[tuple[int, str | None]], out: Path, args: Any) -> 
 
     Units are independent (each trains from the pretrained weights and writes its own result), so
     they run in parallel as they are: each worker is a fresh process per unit with ``args.threads``
-    torch threads. On 2 cores two workers of one thread each finish about 1.4x more work per hour than
-    one process with two threads (measured 2026-12-03: a SmolLM2 decode at 32 rows does not scale
-    across two threads).
+    torch threads, and the results are the same as in one process. On 2 cores two workers of one
+    thread each did 1.1-1.4x the work per hour of one process with two threads (2026-12-03: SmolLM2's
+    decoding scales poorly across two threads, but two processes contend for memory bandwidth).
     """
     if args.workers <= 1:
         _set_threads(args.threads)
