@@ -368,11 +368,13 @@ def unit_order(seeds: Sequence[int], algorithms: Sequence[str]) -> list[tuple[in
 
     Seed by seed, the start and GRPO first: a table cut short still holds complete paired comparisons
     for the seeds it reached (a rerun with more algorithms or seeds reads the finished units back).
-    DSPO, the longest run (its filter redraws most groups), comes next, so that parallel workers do not
-    end with one of them alone on it.
+    Algorithms with a group filter (DSPO) come next: they are the longest runs (the filter redraws most
+    groups here), so parallel workers do not end with one of them alone on such a run.
     """
+    from tspo.algorithms import ALGORITHMS
+
     rest = [name for name in algorithms if name != BASELINE]
-    rest.sort(key=lambda name: name != "dspo")
+    rest.sort(key=lambda name: ALGORITHMS.get(name).group_filter == "none")
     return [(seed, name) for seed in seeds for name in (None, BASELINE, *rest)]
 
 

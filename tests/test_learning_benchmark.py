@@ -124,3 +124,69 @@ def test_smollm2_units_in_worker_processes_come_back_in_unit_order(tmp_path: Pat
     args = SimpleNamespace(workers=workers, threads=None, override=[], steps=8)
     results = learning_smollm2.run_units(units, tmp_path, args)
     assert results == [expected[unit] for unit in units]
+
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--model", "smollm2", "--workers", "0"], "--workers and --threads must be >= 1"),
+        (["--model", "smollm2", "--threads", "0"], "--workers and --threads must be >= 1"),
+        (["--workers", "2"], "--workers applies to --model smollm2"),
+    ],
+)
+def test_learning_benchmark_refuses_bad_worker_settings(arguments: list[str], message: str):
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARK), *arguments], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+def test_smollm2_workers_exit_when_the_table_process_is_killed(tmp_path: Path):
+    """A parent killed with SIGKILL (no cleanup runs) takes its pool worker with it."""
+    import os
+    import subprocess
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, sys, time\n"
+        f"sys.path.insert(0, {str(BENCHMARK.parent)!r})\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import learning_smollm2\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "        initializer=learning_smollm2._init_worker, initargs=(None, os.getpid()))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 60)\n"
+        "    time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        assert running(worker)  # alive while its parent is
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and running(worker):
+            time.sleep(0.1)
+        if not running(worker):
+            return
+        os.kill(worker, 9)
+        pytest.fail(f"worker {worker} outlived its killed parent")
+    finally:
+        parent.kill()
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (an exited orphan waits for init to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
