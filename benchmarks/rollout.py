@@ -21,7 +21,12 @@ and for each:
   cache: the same tokens are sampled, so ``replay`` is the previous engine's generation time;
 - plain: one ``model.generate`` over the same prompts with a fixed length equal to the mean number of
   tokens the rollout generated per trajectory (``min_new_tokens = max_new_tokens``): single-turn
-  generation of the same volume, the upper bound a multi-turn loop is compared to.
+  generation of the same volume, the upper bound a multi-turn loop is compared to;
+- plain, same row lengths: one ``model.generate`` over the same prompts in which each row generates
+  exactly as many tokens as its trajectory generated over all its turns (then EOS), so the batch runs
+  until its longest row ends, as any batched generation of that length spread does. A reference that
+  separates what multi-turn costs (turn boundaries, observations to prefill) from what the spread of
+  lengths costs; the target stays against ``plain``.
 
 Target: rollout throughput >= 0.8x plain generate on the same prompts and lengths.
 
@@ -183,6 +188,69 @@ def plain(
     return total
 
 
+class RowLengths:
+    """A logits processor that makes row ``i`` of a ``generate`` call emit exactly ``lengths[i]`` tokens and
+    then ``eos_token_id`` (EOS is masked before that step; at it, every other token is)."""
+
+    def __init__(self, lengths: Sequence[int], prompt_width: int, eos_token_id: int) -> None:
+        self.lengths = torch.tensor(list(lengths), dtype=torch.long)
+        self.prompt_width = prompt_width
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        step = input_ids.shape[1] - self.prompt_width
+        lengths = self.lengths.to(scores.device)
+        scores[lengths > step, self.eos_token_id] = float("-inf")
+        at_end = lengths == step
+        if bool(at_end.any()):
+            eos_score = scores[at_end, self.eos_token_id].clone()
+            scores[at_end] = float("-inf")
+            scores[at_end, self.eos_token_id] = torch.where(
+                torch.isfinite(eos_score), eos_score, torch.zeros_like(eos_score)
+            )
+        return scores
+
+
+def plain_row_lengths(
+    model: Any,
+    tokenizer: Any,
+    engine: HFEngine,
+    prompts: list[list[int]],
+    lengths: Sequence[int],
+    batch_size: int,
+    seed: int,
+) -> tuple[float, int]:
+    """(seconds, tokens) to generate exactly ``lengths[i]`` tokens after prompt ``i`` (then EOS, not
+    counted), in batches of ``batch_size`` through plain ``model.generate``."""
+    from transformers import LogitsProcessorList
+
+    eos = min(engine.eos_ids)
+    total, tokens = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        batch_lengths = [max(1, n) for n in lengths[start : start + batch_size]]
+        width = max(len(p) for p in batch)
+        generated, seconds = timed_generate(
+            model,
+            tokenizer.pad_token_id,
+            batch,
+            seed + start,
+            max_new_tokens=max(batch_lengths) + 1,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            eos_token_id=eos,
+            logits_processor=LogitsProcessorList([RowLengths(batch_lengths, width, eos)]),
+        )
+        for row, n in zip(generated, batch_lengths, strict=True):
+            if len(row) <= n or row[n] != eos or eos in row[:n]:
+                raise RuntimeError(f"a row was meant to generate {n} tokens then EOS, got {row[: n + 1]}")
+        total += seconds
+        tokens += sum(batch_lengths)
+    return total, tokens
+
+
 def warm_start_tiny(
     model: Any, tokenizer: Any, world: Any, retriever: BM25Retriever, steps: int, seed: int
 ) -> float:
@@ -266,9 +334,11 @@ class Round:
     nocache_s: float
     replay_s: float
     plain_s: float
+    plain_rows_s: float
     generated_tokens: int
     nocache_tokens: int
     plain_tokens: int
+    plain_rows_tokens: int
     prompt_tokens: int
     reused_tokens: int
     prefill_tokens: int
@@ -301,6 +371,13 @@ class ModelReport:
             "rollout_vs_plain": med([vs_plain(r.generated_tokens, r.rollout_s, r) for r in self.rounds]),
             "nocache_vs_plain": med([vs_plain(r.nocache_tokens, r.nocache_s, r) for r in self.rounds]),
             "replay_vs_plain": med([vs_plain(r.generated_tokens, r.replay_s, r) for r in self.rounds]),
+            "plain_rows_tokens_per_s": med([r.plain_rows_tokens / r.plain_rows_s for r in self.rounds]),
+            "rollout_vs_plain_rows": med(
+                [
+                    (r.generated_tokens / r.rollout_s) / (r.plain_rows_tokens / r.plain_rows_s)
+                    for r in self.rounds
+                ]
+            ),
             "rollout_vs_replay": med([r.replay_s / r.rollout_s for r in self.rounds]),
             "share_generate": med([r.generate_s / r.rollout_s for r in self.rounds]),
             "share_retrieve": med([r.retrieve_s / r.rollout_s for r in self.rounds]),
@@ -392,6 +469,10 @@ def bench_model(
         notes.setdefault("replay_identical_rows", []).append(replay_identical)
         length = max(1, round(result.generated_tokens / len(tasks)))
         plain_s = plain(model, tokenizer, prompts, length, setting.batch_size, seed)
+        row_lengths = [t.num_generated_tokens for t in result.trajectories]
+        plain_rows_s, plain_rows_tokens = plain_row_lengths(
+            model, tokenizer, engine, prompts, row_lengths, setting.batch_size, seed
+        )
         report.rounds.append(
             Round(
                 rollout_s=result.seconds,
@@ -401,9 +482,11 @@ def bench_model(
                 nocache_s=baseline.seconds,
                 replay_s=replay_s,
                 plain_s=plain_s,
+                plain_rows_s=plain_rows_s,
                 generated_tokens=result.generated_tokens,
                 nocache_tokens=baseline.generated_tokens,
                 plain_tokens=length * len(tasks),
+                plain_rows_tokens=plain_rows_tokens,
                 prompt_tokens=after.prompt_tokens - before.prompt_tokens,
                 reused_tokens=after.reused_tokens - before.reused_tokens,
                 prefill_tokens=after.prefill_tokens - before.prefill_tokens,
@@ -415,7 +498,8 @@ def bench_model(
         report.searches_per_trajectory = sum(t.num_searches for t in result.trajectories) / len(tasks)
         print(
             f"  [{name} round {round_index + 1}/{args.repeats}] rollout {result.seconds:.2f}s "
-            f"no-cache {baseline.seconds:.2f}s replay {replay_s:.2f}s plain {plain_s:.2f}s, "
+            f"no-cache {baseline.seconds:.2f}s replay {replay_s:.2f}s plain {plain_s:.2f}s "
+            f"plain-rows {plain_rows_s:.2f}s, "
             f"{result.generated_tokens} tokens, {identical:.0%} trajectories identical without the cache",
             flush=True,
         )
@@ -425,8 +509,8 @@ def bench_model(
 def print_table(reports: list[ModelReport]) -> None:
     header = (
         f"{'model':8} {'trajs':>5} {'turns':>5} {'srch':>5} {'rollout':>8} {'no-cache':>8} {'replay':>8} "
-        f"{'plain':>8} {'vs plain':>8} {'no-cache':>8} {'replay':>8} {'reused':>6} {'gen%':>5} {'ret%':>5} "
-        f"{'oth%':>5}"
+        f"{'plain':>8} {'vs plain':>8} {'no-cache':>8} {'replay':>8} {'rows':>8} {'vs rows':>7} {'reused':>6} "
+        f"{'gen%':>5} {'ret%':>5} {'oth%':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -437,6 +521,7 @@ def print_table(reports: list[ModelReport]) -> None:
             f"{report.searches_per_trajectory:5.2f} {s['rollout_tokens_per_s']:8.1f} "
             f"{s['nocache_tokens_per_s']:8.1f} {s['replay_tokens_per_s']:8.1f} {s['plain_tokens_per_s']:8.1f} "
             f"{s['rollout_vs_plain']:8.2f} {s['nocache_vs_plain']:8.2f} {s['replay_vs_plain']:8.2f} "
+            f"{s['plain_rows_tokens_per_s']:8.1f} {s['rollout_vs_plain_rows']:7.2f} "
             f"{100 * s['reused_share_of_context']:5.0f}% {100 * s['share_generate']:5.1f} "
             f"{100 * s['share_retrieve']:5.1f} {100 * s['share_other']:5.1f}"
         )
@@ -444,7 +529,9 @@ def print_table(reports: list[ModelReport]) -> None:
         "(generated tokens per second; rollout: the loop with the KV cache across turns; no-cache: the same "
         "engine with kv_cache=False; replay: the rollout's calls through plain model.generate (the previous "
         "engine); plain: one single-turn generate of the same volume. 'vs plain' columns: throughput / plain "
-        "throughput, target >= 0.80 for the rollout. reused: share of context tokens served from the cache)"
+        "throughput, target >= 0.80 for the rollout. rows: single-turn generate with each row as long as its "
+        "trajectory's generated tokens (a reference, not the target); vs rows: the rollout's throughput / rows'. "
+        "reused: share of context tokens served from the cache)"
     )
 
 
