@@ -1,10 +1,11 @@
 """The SmolLM2 mode of ``benchmarks/learning.py``: a pretrained model whose mistakes include near misses.
 
-SmolLM2-135M-Instruct with the quickstart's one worked example, on world questions of 1, 2 and 3 hops
-(1-hop as the control: one search, the answer stage is all that can go wrong). Per seed every algorithm
-starts from the same weights (the pretrained model; there is no warm start), the same prompt order
-(``trainer.seed``) and is scored on the same held-out questions, greedy and sampled (the rollout
-temperature, fixed seeds). The start is evaluated once per seed and shared.
+SmolLM2-135M-Instruct with two worked examples in the prompt (the quickstart has one), on world
+questions of 1, 2 and 3 hops (1-hop as the control: one search, the answer stage is all that can go
+wrong). Per seed every algorithm starts from the same weights (the pretrained model; there is no
+warm start), the same prompt order (``trainer.seed``) and is scored on the same held-out questions,
+greedy and sampled (the rollout temperature, fixed seeds). The start is evaluated once per seed and
+shared.
 
 Each finished run leaves ``SEED/ALGORITHM/result.json`` in ``--out``; a rerun reads it back instead of
 training again, so an interrupted table resumes where it stopped.
@@ -38,10 +39,10 @@ EVAL_BATCH = 32
 #: so multi-hop questions fail before retrieval and near misses are rare (6.5 % of held-out rollouts on
 #: a 20/50/30 % hop mix); with two, 19.8 % are near misses and it searches 1.47 times per question
 #: (96 held-out questions, measured 2026-12-03).
-#: lr 1e-5 and groups of 8: at the quickstart's 3e-5 with groups of 4, GRPO's first and only update with
-#: a signal (one group of four) made the policy stop searching (searches per rollout 1.06 -> 0.13 -> 0
-#: within three steps; Adam keeps moving the weights on the following zero-gradient steps) and held-out
-#: greedy EM fell 0.140 -> 0.000 (seed 0, 2026-12-03).
+#: lr 1e-5 and groups of 8: at the quickstart's former 3e-5 with groups of 4, GRPO's first and only
+#: update with a signal (one group of four) made the policy stop searching (searches per rollout
+#: 1.06 -> 0.13 -> 0 within three steps; Adam keeps moving the weights on the following
+#: zero-gradient steps) and held-out greedy EM fell 0.140 -> 0.000 (seed 0, 2026-12-03).
 SETTINGS = [
     "data.world.hops=1:0.34,2:0.33,3:0.33",
     "rollout.max_turns=4",

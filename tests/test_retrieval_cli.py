@@ -107,3 +107,31 @@ def test_index_build_dense(tmp_path, capsys):
     assert DenseRetriever.load(adopted, encoder=retriever.encoder).search(queries, 3) == retriever.search(
         queries, 3
     )
+
+
+@pytest.fixture
+def without_faiss(monkeypatch):
+    """An environment where ``import faiss`` fails, as without the ``dense`` extra."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)
+
+
+def test_dense_build_without_faiss_says_which_extra_to_install(tmp_path, docs, capsys, without_faiss):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", docs)
+    out = tmp_path / "index"
+    argv = ["index", "build", "--kind", "dense", "--corpus", str(corpus), "--out", str(out)]
+    assert main([*argv, "--encoder", "no-such-model", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "dense retrieval needs faiss-cpu" in error and "pip install 'tspo[dense]'" in error
+    assert not out.exists()
+
+
+def test_serve_of_a_dense_index_without_faiss_fails_before_loading(tmp_path, capsys, without_faiss):
+    index = tmp_path / "index"
+    index.mkdir()
+    manifest = {"format": "tspo-index", "format_version": 1, "kind": "dense"}
+    (index / "tspo_index.json").write_text(json.dumps(manifest))
+    assert main(["serve", "--index", str(index), "--port", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "tspo serve: error: dense retrieval needs faiss-cpu" in error and "tspo[dense]" in error

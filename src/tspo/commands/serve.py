@@ -133,9 +133,13 @@ def run(args: argparse.Namespace) -> int:
     if args.index:
         from tspo.retrieval.index_io import read_manifest
 
-        try:  # a missing or broken index is reported now, not from the loading thread
-            read_manifest(args.index)
-        except (FileNotFoundError, ValueError) as err:
+        try:  # a missing or broken index, or a dense index without faiss, is reported now, not from the loading thread
+            if read_manifest(args.index).get("kind") == "dense":
+                from tspo.retrieval.extras import import_dense_dependency
+
+                import_dense_dependency("faiss")
+                import_dense_dependency("sentence_transformers")
+        except (FileNotFoundError, ValueError, ImportError) as err:
             raise CLIError(str(err)) from None
     elif not Path(args.corpus).is_file():
         raise CLIError(f"corpus file not found: {args.corpus}")

@@ -29,6 +29,7 @@ from tspo.retrieval.base import Doc, check_k, check_queries
 from tspo.retrieval.docstore import DocStore, DocStoreWriter
 from tspo.retrieval.embeddings import EmbeddingChunks
 from tspo.retrieval.encoder import E5_PASSAGE_PREFIX, E5_QUERY_PREFIX, EncoderConfig, SentenceEncoder
+from tspo.retrieval.extras import import_dense_dependency
 from tspo.retrieval.index_io import atomic_directory, format_bytes, read_manifest, write_manifest
 
 __all__ = ["INDEX_TYPES", "DenseRetriever", "dense_memory_estimate"]
@@ -140,6 +141,7 @@ class DenseRetriever:
         """
         if index_type not in INDEX_TYPES:
             raise ValueError(f"unknown index type {index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+        import_dense_dependency("faiss")  # missing faiss is reported now, not after hours of encoding
         if not isinstance(encoder, SentenceEncoder):
             encoder = SentenceEncoder(encoder)
         started = time.perf_counter()
@@ -197,7 +199,7 @@ class DenseRetriever:
     ) -> DenseRetriever:
         """Adopt an existing inner-product faiss index whose row ``i`` embeds passage ``i`` of ``docs``
         (e.g. Search-R1's ``e5_Flat.index`` over ``wiki-18.jsonl``), skipping the encoding."""
-        import faiss
+        faiss = import_dense_dependency("faiss")
 
         path = Path(faiss_index)
         if not path.is_file():
@@ -242,7 +244,7 @@ class DenseRetriever:
     # ------------------------------------------------------------ save / load
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``index.faiss``, the passages and the manifest to ``directory`` atomically."""
-        import faiss
+        faiss = import_dense_dependency("faiss")
 
         directory = Path(directory)
         with atomic_directory(directory) as staging:
@@ -300,7 +302,7 @@ class DenseRetriever:
 
     # ----------------------------------------------------------------- search
     def _make_search_params(self) -> Any:
-        import faiss
+        faiss = import_dense_dependency("faiss")
 
         if self.params["index_type"] == "hnsw":
             return lambda k: faiss.SearchParametersHNSW(efSearch=max(self.params["ef_search"], k))
@@ -401,7 +403,7 @@ def _create_index(
     ef_construction: int,
     nlist: int,
 ) -> Any:
-    import faiss
+    faiss = import_dense_dependency("faiss")
 
     index = faiss.index_factory(
         dim, _factory_string(index_type, fp16, hnsw_m, nlist), faiss.METRIC_INNER_PRODUCT
@@ -419,7 +421,7 @@ def _create_index(
 
 def _read_faiss(path: Path, mmap: bool) -> Any:
     """Read a faiss index, memory-mapped when ``mmap`` and the index type allows it."""
-    import faiss
+    faiss = import_dense_dependency("faiss")
 
     if mmap:
         for flag_name in ("IO_FLAG_MMAP_IFC", "IO_FLAG_MMAP"):
@@ -435,7 +437,7 @@ def _read_faiss(path: Path, mmap: bool) -> Any:
 
 def _describe_faiss(index: Any) -> tuple[str, bool]:
     """(index type, fp16 storage) of a faiss index."""
-    import faiss
+    faiss = import_dense_dependency("faiss")
 
     index = faiss.downcast_index(index)
     name = type(index).__name__
@@ -450,14 +452,14 @@ def _describe_faiss(index: Any) -> tuple[str, bool]:
 
 
 def _is_fp16(index: Any) -> bool:
-    import faiss
+    faiss = import_dense_dependency("faiss")
 
     sq = getattr(index, "sq", None)
     return sq is not None and sq.qtype == faiss.ScalarQuantizer.QT_fp16
 
 
 def _hnsw_m(index: Any) -> int:
-    import faiss
+    faiss = import_dense_dependency("faiss")
 
     index = faiss.downcast_index(index)
     hnsw = getattr(index, "hnsw", None)

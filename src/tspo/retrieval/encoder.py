@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from tspo.retrieval.extras import import_dense_dependency
 from tspo.retrieval.window import TokenWindow
 
 __all__ = ["E5_PASSAGE_PREFIX", "E5_QUERY_PREFIX", "EncoderConfig", "SentenceEncoder", "is_e5_model"]
@@ -97,7 +98,8 @@ class SentenceEncoder:
             config = EncoderConfig(**{**asdict(config), "model": str(Path(config.model).resolve())})
         self.config = config
         import torch
-        from sentence_transformers import SentenceTransformer
+
+        SentenceTransformer = import_dense_dependency("sentence_transformers").SentenceTransformer
 
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if not Path(config.model).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":

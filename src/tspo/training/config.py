@@ -251,7 +251,10 @@ class TrainerConfig:
         default=32, metadata=_help("held-out questions per dataset for validation (seeded, same each time)")
     )
     bf16: Literal["auto", "on", "off"] = field(
-        default="auto", metadata=_help("bf16 autocast for forward passes (auto: on a GPU that supports it)")
+        default="auto",
+        metadata=_help(
+            "bf16 autocast for forward passes (auto: on a GPU that supports it, or a CPU with avx512_bf16 / amx_bf16)"
+        ),
     )
     tensorboard: bool = field(default=False, metadata=_help("also log to TensorBoard"))
     wandb_project: str | None = field(default=None, metadata=_help("also log to this W&B project"))
