@@ -139,6 +139,10 @@ def run_build(args: argparse.Namespace) -> int:
                 )
             from tspo.retrieval.dense import DenseRetriever
             from tspo.retrieval.encoder import EncoderConfig
+            from tspo.retrieval.extras import import_dense_dependency
+
+            for module in ("faiss", "sentence_transformers"):  # before anything is written
+                import_dense_dependency(module)
 
             encoder = EncoderConfig(
                 model=args.encoder,
