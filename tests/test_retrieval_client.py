@@ -276,3 +276,45 @@ def test_constructor_and_factory(server, queries):
     assert isinstance(client, HTTPRetriever) and client.endpoint == server.url + "/retrieve"
     assert len(client.search(queries[:2], 2)) == 2
     client.close()
+
+
+def test_check_reachable_fails_fast_on_a_dead_url_and_passes_anything_that_listens(server):
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(
+        RetrievalUnavailableError, match=rf"no retrieval server answers at {dead} .*tspo serve"
+    ):
+        HTTPRetriever(dead).check_reachable(wait_s=0.6, poll_s=0.2)
+    assert time.monotonic() - started < 5
+    HTTPRetriever(server.url).check_reachable(wait_s=0)  # a ready server
+    with socket.socket() as silent:  # accepts connections, never answers: something listens
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        HTTPRetriever(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.3).check_reachable(wait_s=0)
+
+
+def test_check_reachable_waits_for_a_server_started_alongside(retriever):
+    port = free_port()
+    started = threading.Event()
+
+    def start_late():
+        time.sleep(0.8)
+        with start_server(lambda: retriever, ServerSettings(port=port)):
+            started.set()
+            time.sleep(3)
+
+    thread = threading.Thread(target=start_late, daemon=True)
+    began = time.monotonic()
+    thread.start()
+    HTTPRetriever(f"http://127.0.0.1:{port}").check_reachable(wait_s=10, poll_s=0.2)
+    assert time.monotonic() - began >= 0.8  # it waited for the server instead of failing or passing early
+    assert started.wait(5)
+    thread.join()
+
+
+def test_factory_reports_a_dead_url_at_once():
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(RetrievalUnavailableError, match="no retrieval server answers"):
+        load_retriever({"kind": "http", "url": dead})
+    assert time.monotonic() - started < 20  # the 10 s grace, not the 300 s retry budget

@@ -14,6 +14,7 @@ import pytest
 
 from tspo.doc import Doc
 from tspo.protocol import ProtocolConfig, format_observation, invalid_observation
+from tspo.retrieval.base import RetrievalUnavailableError
 from tspo.retrieval.bm25 import BM25Retriever
 from tspo.rewards import first_hit_turn
 from tspo.rollout import (
@@ -437,3 +438,30 @@ def test_config_validation():
         RolloutConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         RolloutConfig(temperature=-1.0)
+
+
+def test_unreachable_server_fails_the_batch_once_not_query_by_query(tokenizer):
+    """A server gone past the client's retry budget: every searching trajectory ends with the error after
+    one batch call; retrying each query would spend the budget again per query."""
+    calls: list[list[str]] = []
+
+    class Gone:
+        def search(self, queries: list[str], k: int) -> list[list[Doc]]:
+            calls.append(list(queries))
+            raise RetrievalUnavailableError(
+                "retrieval server http://127.0.0.1:9/retrieve failed after 6 attempt(s)"
+            )
+
+    script = {
+        "who founded acme corporation": ["<search> acme corporation </search>"],
+        "where is kessel university": ["<search> blue river </search>"],
+    }
+    tasks = [RolloutTask(question=q, golds=("x",), group_id=i) for i, q in enumerate(script)]
+    result = run_rollouts(
+        ScriptedEngine(tokenizer, script), tokenizer, Gone(), tasks, RolloutConfig(), seed=0
+    )
+    assert calls == [["acme corporation", "blue river"]]
+    for traj in result.trajectories:
+        assert_well_formed(traj)
+        assert traj.metadata["stop_reason"] == "retrieval_error" and "127.0.0.1:9" in traj.error
+    assert result.counters["retrieval_errors"] == 2

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
 
+    from tspo.retrieval.base import RetrievalError
     from tspo.retrieval.corpus import CorpusFormatError
     from tspo.runs import RunDirError
     from tspo.training.checkpoint import CheckpointError
@@ -75,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         # An optional backend the config asked for (wandb, peft, faiss...) is not installed.
         raise CLIError(str(err)) from None
+    except RetrievalError as err:  # e.g. the server stayed down through the client's retry budget
+        raise CLIError(
+            f"{err}\nthe run stopped; {config.trainer.output_dir} keeps what was written "
+            "(`tspo train ... --resume` continues from its last checkpoint, if any)"
+        ) from None
     print()
     print(format_summary(summary, config))
     return 0

@@ -256,6 +256,37 @@ class HTTPRetriever:
             ) from err
         return loads(response.content)
 
+    def check_reachable(self, wait_s: float = 10.0, poll_s: float = 0.5) -> None:
+        """Raise :class:`RetrievalUnavailableError` naming the URL when no server accepts a connection
+        there within ``wait_s`` seconds (a server being started alongside gets that long to bind).
+
+        Any HTTP answer to ``GET /health`` counts: 200 (ready), 503 (still loading its index: requests
+        wait for it on their own), 404 / 405 (Search-R1's server has no ``/health``), even 401, and a
+        connection accepted but not answered in time. Only "nothing listens" fails, so a wrong URL or a
+        server never started is reported at once instead of after the retry budget of the first search
+        (``retry_budget_s``, 300 s by default).
+        """
+        import httpx
+
+        deadline = time.monotonic() + wait_s
+        waiting = False
+        while True:
+            try:
+                httpx.get(self.url + "/health", timeout=min(5.0, self.timeout), headers=self._headers)
+                return
+            except (httpx.ConnectError, httpx.ConnectTimeout) as err:
+                if time.monotonic() + poll_s > deadline:
+                    raise RetrievalUnavailableError(
+                        f"no retrieval server answers at {self.url} ({_describe(err)}); start one with "
+                        "`tspo serve --index DIR --port PORT` or fix the URL"
+                    ) from None
+                if not waiting:
+                    logger.info("waiting up to %.0f s for a retrieval server at %s", wait_s, self.url)
+                    waiting = True
+            except httpx.TransportError:  # it accepted the connection: something listens (busy, or slow)
+                return
+            time.sleep(poll_s)
+
     def close(self) -> None:
         """Close connection pools and the private event-loop thread."""
         with self._lock:

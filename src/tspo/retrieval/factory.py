@@ -97,7 +97,9 @@ def load_retriever(spec: RetrieverSpec | Mapping[str, Any] | Any) -> Retriever:
             raise ValueError("retriever kind 'http' needs url=http://HOST:PORT")
         from tspo.retrieval.client import HTTPRetriever
 
-        retriever = HTTPRetriever(spec.url, timeout=spec.timeout, retries=spec.retries, token=spec.token)
+        client = HTTPRetriever(spec.url, timeout=spec.timeout, retries=spec.retries, token=spec.token)
+        client.check_reachable()  # a dead URL now, not after the first search's retry budget
+        retriever = client
     elif spec.index:
         manifest_kind = read_manifest(spec.index).get("kind")
         if spec.kind not in ("auto", manifest_kind):

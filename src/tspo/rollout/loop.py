@@ -10,7 +10,8 @@ most ``max_turns + 1`` waves.
 The protocol step itself (actions, the round limit, truncations, observations, the reason a trajectory
 ended) is :class:`tspo.rollout.env.SearchEnv`'s, the same object the verl agent loop drives; this module
 only batches. Retrieval failures: a failing batch is retried query by query, so only the trajectories
-whose own query failed end (``retrieval_error``), as the env's failure policy says.
+whose own query failed end (``retrieval_error``), as the env's failure policy says; a server that stayed
+unreachable through the client's retry budget fails the whole batch at once (no per-query retries).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tspo.protocol import (
     build_prompt_text,
     example_segments,
 )
+from tspo.retrieval.base import RetrievalUnavailableError
 from tspo.rollout.config import RolloutConfig
 from tspo.rollout.engines.base import GenerationEngine, SamplingParams
 from tspo.rollout.env import (
@@ -197,11 +199,17 @@ class _RolloutRun:
         return check_result_count(self.retriever.search(queries, self.config.topk), queries)
 
     def _search(self, queries: list[str]) -> list[SearchResult]:
-        """Results per query; a failing batch is retried query by query so one bad query fails alone."""
+        """Results per query; a failing batch is retried query by query so one bad query fails alone.
+
+        A server that stayed unreachable through the client's whole retry budget fails every query of
+        the batch at once: retrying them one by one would spend that budget again per query.
+        """
         begin = time.perf_counter()
         try:
             try:
                 return self._search_one_batch(queries)
+            except RetrievalUnavailableError as unavailable:
+                return [unavailable] * len(queries)
             except Exception as batch_error:
                 if len(queries) == 1:
                     return [batch_error]

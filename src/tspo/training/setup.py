@@ -146,10 +146,14 @@ def build_retriever(config: TrainConfig, corpus: Path | None) -> Any:
         url=rc.url if rc.kind == "http" else None,
         cache_size=rc.cache_size,
     )
+    from tspo.retrieval.base import RetrievalUnavailableError
+
     try:
         return load_retriever(spec)
     except (ValueError, FileNotFoundError) as err:  # a corpus line's file:line error included
         raise ResourceError(str(err)) from None
+    except RetrievalUnavailableError as err:
+        raise ResourceError(f"retriever.url: {err}") from None
 
 
 def _world_texts(train: list[QAExample], corpus: Path | None) -> list[str]:
