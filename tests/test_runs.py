@@ -59,8 +59,28 @@ def test_overwrite_clears_what_a_run_writes_and_nothing_else(tmp_path):
     (run.root / "metrics.jsonl.old-20261203").write_text("{}\n")
     (run.root / "notes.txt").write_text("mine")
     run_id = run.start("overwrite")
-    assert sorted(p.name for p in run.root.iterdir()) == ["notes.txt", "run.json"]
+    # The previous run waits aside until the new one is set up.
+    assert sorted(p.name for p in run.root.iterdir()) == [".previous-run", "notes.txt", "run.json"]
     assert run.run_id() == run_id and run.list_checkpoints() == []
+    run.drop_previous()
+    assert sorted(p.name for p in run.root.iterdir()) == ["notes.txt", "run.json"]
+
+
+def test_an_abandoned_overwrite_puts_the_previous_run_back(tmp_path):
+    run = old_run(tmp_path / "run")
+    (run.root / "notes.txt").write_text("mine")
+    before = {p.relative_to(run.root): p.read_bytes() for p in run.root.rglob("*") if p.is_file()}
+    run.start("overwrite")
+    (run.root / "config.yaml").write_text("new: run\n")
+    run.world.mkdir()
+    run.abandon()
+    assert {p.relative_to(run.root): p.read_bytes() for p in run.root.rglob("*") if p.is_file()} == before
+    # A process killed during setup left the stash: the next overwrite still keeps the previous run.
+    run.start("overwrite")
+    (run.root / "config.yaml").write_text("killed: during setup\n")
+    run.start("overwrite")
+    run.abandon()
+    assert {p.relative_to(run.root): p.read_bytes() for p in run.root.rglob("*") if p.is_file()} == before
 
 
 def test_resume_needs_a_checkpoint_and_keeps_the_identity(tmp_path):
@@ -231,3 +251,23 @@ def test_index_build_refuses_a_bad_out_before_building(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "refusing to overwrite" in captured.err and "indexing" not in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
+
+
+def test_train_overwrite_that_fails_to_set_up_keeps_the_old_run(tmp_path, capsys):
+    run = old_run(tmp_path / "mix")
+    before = {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()}
+    not_an_index = tmp_path / "notindex"
+    not_an_index.mkdir()
+    assert train(tmp_path, run.root, "--overwrite", f"retriever.index={not_an_index}") == 2
+    assert "not a tspo index" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.root.rglob("*") if p.is_file()} == before
+    assert not (run.root / ".previous-run").exists()
+
+
+def test_a_fresh_run_that_fails_to_set_up_leaves_no_run_behind(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    not_an_index = tmp_path / "notindex"
+    not_an_index.mkdir()
+    assert train(tmp_path, run_dir, f"retriever.index={not_an_index}") == 2
+    capsys.readouterr()
+    assert not RunDir(run_dir).holds_run()  # a corrected rerun needs neither --resume nor --overwrite

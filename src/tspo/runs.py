@@ -52,6 +52,7 @@ HELDOUT_DIR = "heldout"
 ANALYSIS_DIR = "analysis"
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
+PREVIOUS_RUN_DIR = ".previous-run"
 
 #: Every entry a run writes at its top level; ``--overwrite`` removes these and nothing else, so a run
 #: pointed at a directory that also holds other files never deletes them.
@@ -264,7 +265,7 @@ class RunDir:
                 )
             return self.run_id() or self._create_identity()
         if mode == "overwrite":
-            self.clear()
+            self.stash_previous()
         elif self.holds_run():
             what = f"run {self.run_id()}" if self.run_id() else "another run"
             raise RunDirError(
@@ -281,16 +282,59 @@ class RunDir:
         present = [name for name in _RUN_MARKERS if (self.root / name).exists()]
         return ", ".join(present) or "run files"
 
+    def _run_entries(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [
+            entry
+            for entry in self.root.iterdir()
+            if entry.name in RUN_ENTRIES or _ROTATED_METRICS.match(entry.name)
+        ]
+
     def clear(self) -> None:
         """Remove every entry a run writes (rotated metrics logs included); other files stay."""
-        if not self.root.is_dir():
+        for entry in self._run_entries():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    @property
+    def stash(self) -> Path:
+        """Where ``--overwrite`` keeps the previous run until the new one has set up."""
+        return self.root / PREVIOUS_RUN_DIR
+
+    def stash_previous(self) -> None:
+        """Move the previous run's entries aside (:attr:`stash`); :meth:`drop_previous` deletes them once
+        the new run is set up, :meth:`abandon` puts them back if it fails first."""
+        entries = self._run_entries()
+        if not entries:
             return
-        for entry in self.root.iterdir():
-            if entry.name in RUN_ENTRIES or _ROTATED_METRICS.match(entry.name):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+        if self.stash.exists():  # left by a process killed during setup: that run is still the previous one
+            self.clear()
+            self._restore_stash()
+            entries = self._run_entries()
+        self.stash.mkdir()
+        for entry in entries:
+            entry.rename(self.stash / entry.name)
+
+    def drop_previous(self) -> None:
+        """Delete the stashed previous run (the new run is set up and replaces it)."""
+        if self.stash.exists():
+            shutil.rmtree(self.stash)
+
+    def abandon(self) -> None:
+        """Undo a run whose setup failed: remove what it wrote and put back the run it was replacing, so
+        the directory is as before (and a corrected rerun needs neither --resume nor --overwrite)."""
+        self.clear()
+        self._restore_stash()
+
+    def _restore_stash(self) -> None:
+        if not self.stash.exists():
+            return
+        for entry in self.stash.iterdir():
+            entry.rename(self.root / entry.name)
+        self.stash.rmdir()
 
 
 def weights_identity(model: str | Path) -> str:

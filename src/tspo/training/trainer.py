@@ -135,7 +135,21 @@ class Trainer:
         # Everything that can be checked cheaply is checked before the directory is touched and before
         # any long step (world, model, warm start).
         check_run_inputs(cfg)
-        self.run_id = self.run.start("resume" if self.resume else "overwrite" if self.overwrite else "fresh")
+        mode = "resume" if self.resume else "overwrite" if self.overwrite else "fresh"
+        # --overwrite moves the previous run aside; it is deleted only once this run is set up, and a
+        # setup that fails (a bad index, a malformed file found while loading) puts it back.
+        self.run_id = self.run.start(mode)
+        try:
+            self._set_up_run()
+        except BaseException:
+            if mode != "resume":
+                self.run.abandon()
+            raise
+        if mode == "overwrite":
+            self.run.drop_previous()
+
+    def _set_up_run(self) -> None:
+        cfg = self.config
         atomic_write_text(self.run.config, yaml.safe_dump(to_dict(cfg), sort_keys=False))
         seed_everything(cfg.trainer.seed)
         algorithm = self.algorithm
