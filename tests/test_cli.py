@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tspo.cli import main
 
@@ -31,3 +34,58 @@ def test_user_error_under_python_dash_m_prints_one_line():
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "tspo train: error: trainer.bf16: 'maybe' is not one of 'auto', 'on', 'off'"
+
+
+def _bad_inputs(tmp: Path) -> dict[str, Path]:
+    files = {
+        "binary.yaml": b"\xff\xfe not text",
+        "fake.jsonl.gz": b"not gzip at all\n",
+        "empty.jsonl": b"",
+        "bad.jsonl": b'{"id": "1", "question": "q", "golden_answers": ["a"]}\n{"question": "q\x01"}\n',
+        "corpus.jsonl": b'{"id": "d1", "contents": "\\"T\\"\\nx"}\n',
+        "plain.txt": b"a file\n",
+    }
+    for name, content in files.items():
+        (tmp / name).write_bytes(content)
+    (tmp / "a_dir").mkdir()
+    return {name: tmp / name for name in [*files, "a_dir"]}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["serve", "--index", "{a_dir}", "--port", "99999"], "port must be in 0-65535"),
+        (["train", "--config", "{binary.yaml}"], "not a UTF-8 text file"),
+        (["train", "--config", "{a_dir}"], "is a directory, not a config file"),
+        (["train", "trainer.group_size=0"], "trainer.group_size must be >= 1, got 0"),
+        (["train", "trainer.steps=-1"], "trainer.steps must be >= 0, got -1"),
+        (["index", "build", "--corpus", "{fake.jsonl.gz}", "--out", "{a_dir}/x"], "cannot decompress"),
+        (
+            ["data", "convert", "{bad.jsonl}", "--out", "{a_dir}/x.parquet", "--dataset", "nq"],
+            "bad.jsonl:2: malformed JSON: Invalid control character at: line 1 column",
+        ),
+        (["data", "convert", "{corpus.jsonl}", "--out", "{a_dir}"], "Is a directory"),
+        (
+            [
+                "train",
+                "data.source=files",
+                "data.train_file={empty.jsonl}",
+                "data.corpus={corpus.jsonl}",
+                "trainer.output_dir={a_dir}/run",
+            ],
+            "holds no training questions",
+        ),
+        (
+            ["train", "--preset", "tiny", "--output-dir", "{plain.txt}"],
+            "(a file is where a directory is needed)",
+        ),
+    ],
+)
+def test_bad_input_gets_one_line_naming_the_problem(tmp_path, capsys, argv, expected):
+    paths = _bad_inputs(tmp_path)
+    for name, path in paths.items():
+        argv = [arg.replace("{" + name + "}", str(path)) for arg in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err

@@ -57,6 +57,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         print(f"tspo {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        # A path given by the user that is the wrong kind (a file where a directory is needed, or the
+        # reverse) or not writable: name it instead of showing a traceback.
+        path = err.filename if err.filename is not None else ""
+        hint = {
+            FileExistsError: " (a file is where a directory is needed)",
+            NotADirectoryError: " (a file is where a directory is needed)",
+            IsADirectoryError: " (a directory is where a file is needed)",
+        }.get(type(err), "")
+        print(f"tspo {args.command}: error: {err.strerror or err}: {path}{hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

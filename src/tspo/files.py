@@ -44,6 +44,8 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
     survives a power loss (logs a resumed run depends on), not only a crash of this process.
     """
     target = Path(path)
+    if target.is_dir():  # os.replace would fail only after the whole file was written
+        raise IsADirectoryError(21, "Is a directory", str(target))
     temporary = temporary_sibling(target)
     try:
         yield temporary

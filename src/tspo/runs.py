@@ -409,7 +409,7 @@ def parse_metrics_lines(path: Path, text: str) -> tuple[list[dict[str, Any]], li
             if is_unterminated_tail:
                 truncated = True
                 break
-            raise MetricsFileError(f"{path}:{number}: malformed JSON line ({err.msg})") from None
+            raise MetricsFileError(f"{path}:{number}: malformed JSON line ({err})") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise MetricsFileError(f"{path}:{number}: expected a JSON object with an integer 'step'")
         records.append(record)

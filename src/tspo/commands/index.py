@@ -102,7 +102,10 @@ def run_build(args: argparse.Namespace) -> int:
         check_index_target(out)
     except FileExistsError as err:
         raise CLIError(f"--out: {err}") from None
-    total = count_lines(corpus)
+    try:
+        total = count_lines(corpus)
+    except CorpusFormatError as err:
+        raise CLIError(str(err)) from None
     show = not args.no_progress
     print(f"indexing {corpus} ({total:,} lines) -> {out} [{args.kind}]")
     try:

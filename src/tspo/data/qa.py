@@ -361,9 +361,7 @@ def iter_qa_lines(
                     record = json.loads(text)
                     example = example_from_record(record, dataset=dataset, split=split, index=index)
                 except (json.JSONDecodeError, ValueError) as err:
-                    reason = (
-                        f"malformed JSON: {err.msg}" if isinstance(err, json.JSONDecodeError) else str(err)
-                    )
+                    reason = f"malformed JSON: {err}" if isinstance(err, json.JSONDecodeError) else str(err)
                     if on_malformed == "raise":
                         raise QAFormatError(source, line_number, reason) from None
                     stats.note_problem(line_number, reason)

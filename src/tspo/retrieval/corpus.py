@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -80,26 +81,44 @@ def read_corpus(path: str | os.PathLike[str]) -> Iterator[Doc]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path}")
+        what = "is a directory, not a corpus file" if path.is_dir() else "corpus file not found"
+        raise FileNotFoundError(f"{what}: {path}")
     with _open_binary(path) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = _json_loads(line)
-            except _JSONError as err:
-                raise CorpusFormatError(f"{path}:{line_number}: invalid JSON: {err}") from None
-            try:
-                yield doc_from_record(record)
-            except ValueError as err:
-                raise CorpusFormatError(f"{path}:{line_number}: {err}") from None
+        line_number = 0
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = _json_loads(line)
+                except _JSONError as err:
+                    raise CorpusFormatError(f"{path}:{line_number}: invalid JSON: {err}") from None
+                try:
+                    yield doc_from_record(record)
+                except ValueError as err:
+                    raise CorpusFormatError(f"{path}:{line_number}: {err}") from None
+        except _COMPRESSION_ERRORS as err:
+            raise CorpusFormatError(_unreadable(path, line_number + 1, err)) from None
+
+
+#: What reading a corrupt or truncated ``.gz`` raises (gzip.BadGzipFile is an OSError).
+_COMPRESSION_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _unreadable(path: Path, line_number: int, err: BaseException) -> str:
+    return (
+        f"{path}:{line_number}: cannot decompress ({type(err).__name__}: {err}); is it a complete gzip file?"
+    )
 
 
 def count_lines(path: str | os.PathLike[str]) -> int:
     """Number of lines in a (possibly gzipped) text file, read in 4 MiB blocks (for progress bars)."""
     count, last = 0, b"\n"
     with _open_binary(Path(path)) as handle:
-        while block := handle.read(1 << 22):
-            count += block.count(b"\n")
-            last = block[-1:]
+        try:
+            while block := handle.read(1 << 22):
+                count += block.count(b"\n")
+                last = block[-1:]
+        except _COMPRESSION_ERRORS as err:
+            raise CorpusFormatError(_unreadable(Path(path), count + 1, err)) from None
     return count + (last != b"\n")

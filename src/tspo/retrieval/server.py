@@ -100,6 +100,8 @@ class ServerSettings:
     telemetry: bool = False
 
     def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0-65535 (0 picks a free one), got {self.port}")
         for name in (
             "default_topk",
             "max_topk",

@@ -279,6 +279,30 @@ class TrainerConfig:
     )
     plots: bool = field(default=True, metadata=_help("write PNG plots at the end"))
 
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "steps",
+            "warmup_steps",
+            "save_every",
+            "eval_every",
+            "val_every",
+            "val_size",
+            "max_bad_updates",
+            "no_signal_steps",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"trainer.learning_rate must be > 0, got {self.learning_rate}")
+        if self.weight_decay < 0 or not self.grad_clip > 0:
+            raise ValueError(
+                f"trainer.weight_decay must be >= 0 and trainer.grad_clip > 0, got {self.weight_decay} "
+                f"and {self.grad_clip}"
+            )
+
 
 @dataclass
 class WarmStartConfig:

@@ -79,12 +79,15 @@ def prepare_data(config: TrainConfig, run_dir: Path) -> tuple[list[QAExample], l
         corpus = Path(data.corpus) if data.corpus else None
     for path in (train_file, test_file, corpus):
         if path is not None and not path.is_file():
-            raise ResourceError(f"file not found: {path}")
+            what = "is a directory, not a file" if path.is_dir() else "file not found"
+            raise ResourceError(f"{what}: {path}")
     try:
         train = list(read_qa_jsonl(train_file))
         held_out = list(read_qa_jsonl(test_file)) if test_file is not None else []
     except QAFormatError as err:  # names file:line, as tspo eval does
         raise ResourceError(str(err)) from None
+    if not train:
+        raise ResourceError(f"{train_file} holds no training questions")
     if len(held_out) > data.eval_size:
         held_out = random.Random(config.trainer.seed).sample(held_out, data.eval_size)
     return train, held_out, corpus

@@ -98,7 +98,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise WorldFormatError(f"{path}:{number}: malformed JSON: {err.msg}") from None
+                raise WorldFormatError(f"{path}:{number}: malformed JSON: {err}") from None
             if not isinstance(record, dict):
                 raise WorldFormatError(f"{path}:{number}: expected a JSON object")
             records.append((number, record))
