@@ -440,3 +440,24 @@ def test_real_synthetic_world_files_prepare_and_convert(tmp_path: Path) -> None:
     assert all(r["reward_model"]["ground_truth"]["target"] for r in rows)
     assert main(["data", "convert", str(world_dir / "test.jsonl"), "--out", str(tmp_path / "t.parquet")]) == 0
     assert pq.read_table(tmp_path / "t.parquet").num_rows == report.test_rows
+
+
+def test_prepare_and_world_generate_never_replace_each_others_files(
+    src: Path, tmp_path: Path, capsys
+) -> None:
+    from tspo.cli import main
+
+    world = tmp_path / "world"
+    assert main(["world", "generate", "--out", str(world), "--size", "tiny"]) == 0
+    before = {p: p.read_bytes() for p in world.rglob("*") if p.is_file()}
+    with pytest.raises(DataPrepError, match=r"already holds train\.jsonl, test\.jsonl .*did not write"):
+        prepare_datasets(src, world)
+    assert {p: p.read_bytes() for p in world.rglob("*") if p.is_file()} == before
+    prepared = tmp_path / "prepared"
+    prepare_datasets(src, prepared)
+    prepare_datasets(src, prepared)  # its own output: a rerun replaces it
+    before = {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["world", "generate", "--out", str(prepared), "--size", "tiny"]) == 2
+    assert "already holds train.jsonl, test.jsonl that no world wrote" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in prepared.rglob("*") if p.is_file()} == before

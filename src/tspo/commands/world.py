@@ -86,6 +86,16 @@ def run_generate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "world.json").exists() and not args.overwrite:
         raise CLIError(f"{out} already holds a world; pass --overwrite to replace it")
+    foreign = [
+        name
+        for name in ("corpus.jsonl", "train.jsonl", "test.jsonl")
+        if (out / name).exists() and not (out / "world.json").exists()
+    ]
+    if foreign and not args.overwrite:  # e.g. `tspo data prepare` output: never replaced silently
+        raise CLIError(
+            f"{out} already holds {', '.join(foreign)} that no world wrote; pass --overwrite to replace "
+            "them, or pick another directory"
+        )
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {out} exists and is not a directory")
     started = time.perf_counter()

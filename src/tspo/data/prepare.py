@@ -362,6 +362,16 @@ def prepare_datasets(
             raise DataPrepError(
                 f"--out {out} would overwrite the input {job.source}; choose another directory"
             )
+    foreign = [
+        name
+        for name in ("train.jsonl", "test.jsonl", "train.parquet", "test.parquet")
+        if (out / name).exists() and not (out / "prepare_report.json").exists()
+    ]
+    if foreign:  # a synthetic world's files, or anything else this command did not write
+        raise DataPrepError(
+            f"--out {out} already holds {', '.join(foreign)} that `tspo data prepare` did not write "
+            "(a world's?); choose another directory"
+        )
     out.mkdir(parents=True, exist_ok=True)
     read_options: dict[str, Any] = {
         "duplicates": duplicates,
