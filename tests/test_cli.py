@@ -61,6 +61,10 @@ def _bad_inputs(tmp: Path) -> dict[str, Path]:
         (["train", "trainer.steps=-1"], "trainer.steps must be >= 0, got -1"),
         (["index", "build", "--corpus", "{fake.jsonl.gz}", "--out", "{a_dir}/x"], "cannot decompress"),
         (
+            ["index", "build", "--corpus", "{corpus.jsonl}", "--out", "{a_dir}/x", "--k1", "-1"],
+            "--k1 must be >= 0",
+        ),
+        (
             ["data", "convert", "{bad.jsonl}", "--out", "{a_dir}/x.parquet", "--dataset", "nq"],
             "bad.jsonl:2: malformed JSON: Invalid control character at: line 1 column",
         ),
@@ -89,3 +93,12 @@ def test_bad_input_gets_one_line_naming_the_problem(tmp_path, capsys, argv, expe
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_overrides_may_come_on_both_sides_of_an_option(capsys):
+    assert main(["train", "trainer.steps=5", "--show-config", "trainer.seed=3"]) == 0
+    shown = capsys.readouterr().out
+    assert "steps: 5" in shown and "seed: 3" in shown
+    with pytest.raises(SystemExit):
+        main(["train", "trainer.steps=5", "--show-config", "--no-such-flag=1"])
+    assert "unrecognized arguments: --no-such-flag=1" in capsys.readouterr().err

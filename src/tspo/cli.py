@@ -42,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `tspo train a=1 --show-config b=2`: argparse gives a positional list only one run of arguments,
+    # so KEY=VALUE overrides after an option come back unparsed; they belong to the same list.
+    overrides = getattr(args, "overrides", None)
+    if extra and isinstance(overrides, list) and all("=" in e and not e.startswith("-") for e in extra):
+        overrides.extend(extra)
+    elif extra:
+        parser.parse_args(argv)  # the usual "unrecognized arguments" error and exit
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

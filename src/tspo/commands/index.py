@@ -96,6 +96,8 @@ def run_build(args: argparse.Namespace) -> int:
     if not corpus.is_file():
         raise CLIError(f"corpus file not found: {corpus}")
     out = Path(args.out)
+    if args.kind == "bm25" and not (args.k1 >= 0 and 0 <= args.b <= 1):
+        raise CLIError(f"--k1 must be >= 0 and --b in [0, 1], got k1={args.k1} and b={args.b}")
     from tspo.retrieval.index_io import check_index_target
 
     try:  # before the build, which can take hours
