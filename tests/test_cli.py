@@ -44,6 +44,7 @@ def _bad_inputs(tmp: Path) -> dict[str, Path]:
         "bad.jsonl": b'{"id": "1", "question": "q", "golden_answers": ["a"]}\n{"question": "q\x01"}\n',
         "corpus.jsonl": b'{"id": "d1", "contents": "\\"T\\"\\nx"}\n',
         "plain.txt": b"a file\n",
+        "unknown_key.yaml": b"trainer:\n  stepz: 3\n",
     }
     for name, content in files.items():
         (tmp / name).write_bytes(content)
@@ -57,6 +58,7 @@ def _bad_inputs(tmp: Path) -> dict[str, Path]:
         (["serve", "--index", "{a_dir}", "--port", "99999"], "port must be in 0-65535"),
         (["train", "--config", "{binary.yaml}"], "not a UTF-8 text file"),
         (["train", "--config", "{a_dir}"], "is a directory, not a config file"),
+        (["train", "--config", "{unknown_key.yaml}"], "unknown_key.yaml: unknown config key trainer.stepz"),
         (["train", "trainer.group_size=0"], "trainer.group_size must be >= 1, got 0"),
         (["train", "trainer.steps=-1"], "trainer.steps must be >= 0, got -1"),
         (["index", "build", "--corpus", "{fake.jsonl.gz}", "--out", "{a_dir}/x"], "cannot decompress"),

@@ -403,5 +403,12 @@ def load_train_config(
         data = read_yaml(path)
     if config_path is not None:
         data = deep_merge(data, read_yaml(config_path))
+        try:  # an unknown key in the file is reported with the file's name
+            from_dict(TrainConfig, data)
+        except ConfigError as err:
+            if str(err).startswith("unknown config key"):
+                raise ConfigError(f"{config_path}: {err}") from None
+        except ValueError:  # other checks wait for the overrides, which may fix them
+            pass
     apply_overrides(data, overrides or [])
     return from_dict(TrainConfig, data)
