@@ -44,6 +44,7 @@ def _bad_inputs(tmp: Path) -> dict[str, Path]:
         "bad.jsonl": b'{"id": "1", "question": "q", "golden_answers": ["a"]}\n{"question": "q\x01"}\n',
         "corpus.jsonl": b'{"id": "d1", "contents": "\\"T\\"\\nx"}\n',
         "plain.txt": b"a file\n",
+        "qa.jsonl": b'{"id": "1", "question": "q", "golden_answers": ["a"]}\n',
         "unknown_key.yaml": b"trainer:\n  stepz: 3\n",
     }
     for name, content in files.items():
@@ -58,6 +59,10 @@ def _bad_inputs(tmp: Path) -> dict[str, Path]:
         (["serve", "--index", "{a_dir}", "--port", "99999"], "port must be in 0-65535"),
         (["train", "--config", "{binary.yaml}"], "not a UTF-8 text file"),
         (["train", "--config", "{a_dir}"], "is a directory, not a config file"),
+        (
+            ["eval", "--model", "smollm2", "--data", "{qa.jsonl}", "--retriever", "http"],
+            "--retriever http needs --url",
+        ),
         (["train", "--config", "{unknown_key.yaml}"], "unknown_key.yaml: unknown config key trainer.stepz"),
         (["train", "trainer.group_size=0"], "trainer.group_size must be >= 1, got 0"),
         (["train", "trainer.steps=-1"], "trainer.steps must be >= 0, got -1"),

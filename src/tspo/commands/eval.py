@@ -166,6 +166,8 @@ def _retriever_spec(args: argparse.Namespace, source: Any) -> Any:
         spec = RetrieverSpec(
             kind=kind, corpus=args.corpus, index=args.index, url=args.url, token=args.token, cache_size=0
         )
+    elif args.retriever == "http":
+        raise CLIError("--retriever http needs --url http://HOST:PORT")
     elif source.run_dir is not None:
         spec = run_retriever_spec(source.run_config, source.run_dir)
         if args.retriever and args.retriever != spec.kind:
