@@ -109,3 +109,12 @@ def test_overrides_may_come_on_both_sides_of_an_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "trainer.steps=5", "--show-config", "--no-such-flag=1"])
     assert "unrecognized arguments: --no-such-flag=1" in capsys.readouterr().err
+
+
+def test_trainer_ranges_keep_their_documented_zero_meanings(capsys):
+    """keep_last=0 keeps every checkpoint, save_every=0 saves only at the end: both stay valid."""
+    assert main(["train", "trainer.keep_last=0", "trainer.save_every=0", "--show-config"]) == 0
+    shown = capsys.readouterr().out
+    assert "keep_last: 0" in shown and "save_every: 0" in shown
+    assert main(["train", "trainer.keep_last=-1"]) == 2
+    assert "trainer.keep_last must be >= 0" in capsys.readouterr().err

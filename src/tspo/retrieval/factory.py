@@ -99,7 +99,7 @@ def load_retriever(spec: RetrieverSpec | Mapping[str, Any] | Any) -> Retriever:
 
         client = HTTPRetriever(spec.url, timeout=spec.timeout, retries=spec.retries, token=spec.token)
         client.check_reachable()  # a dead URL now, not after the first search's retry budget
-        retriever = client
+        retriever = client  # typed as the protocol, which has no check_reachable
     elif spec.index:
         manifest_kind = read_manifest(spec.index).get("kind")
         if spec.kind not in ("auto", manifest_kind):

@@ -280,13 +280,14 @@ class TrainerConfig:
     plots: bool = field(default=True, metadata=_help("write PNG plots at the end"))
 
     def __post_init__(self) -> None:
-        for name in ("prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs", "keep_last"):
+        for name in ("prompts_per_step", "group_size", "micro_batch_size", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         for name in (
             "steps",
             "warmup_steps",
             "save_every",
+            "keep_last",  # 0 keeps every checkpoint
             "eval_every",
             "val_every",
             "val_size",
